@@ -1,0 +1,1 @@
+"""Data: dataset layouts, reference-identical preprocessing, few-shot reference sets, sampling, pipeline."""
