@@ -341,11 +341,14 @@ def preprocess_tiles(
 
 
 def binarise_mask(mask: Image.Image) -> np.ndarray:
-    """A mask image as a boolean array (pixels >= 128 after bringing the mask to 8-bit ``L``)."""
+    """A mask image as a boolean array: every non-zero pixel is anomalous.
+
+    Non-zero rather than >= 128 because VisA stores small class ids (1, 2, ...) in its masks.
+    """
     mask = to_8bit(mask)
     if mask.mode != "L":
         mask = mask.convert("L")
-    return np.asarray(mask) >= 128
+    return np.asarray(mask) > 0
 
 
 def preprocess_mask(mask: Image.Image, geometry: Geometry, *, exif_transpose: bool = True) -> np.ndarray:
