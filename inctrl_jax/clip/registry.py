@@ -73,13 +73,15 @@ BACKBONES: dict[str, Backbone] = {
             _B16_PLUS_240,
             "open_clip",
             {
+                # open_clip 3.3.0's pretrained table points both tags at the e31 repository;
+                # timm hosts each epoch under its own id, and InCTRL uses e32.
                 "laion400m_e32": (
-                    "timm/vit_base_patch16_plus_240.laion400m_e32",
-                    "open_clip_pytorch_model.bin",
+                    "timm/vit_base_patch16_plus_clip_240.laion400m_e32",
+                    "open_clip_model.safetensors",
                 ),
                 "laion400m_e31": (
-                    "timm/vit_base_patch16_plus_240.laion400m_e31",
-                    "open_clip_pytorch_model.bin",
+                    "timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+                    "open_clip_model.safetensors",
                 ),
             },
             default_tag="laion400m_e32",

@@ -88,7 +88,8 @@ def get_tokenizer() -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = bpe_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
+    merge_pairs: Any = list(merges)  # the tokenizers backend takes (a, b) pairs
+    tok = CLIPTokenizer(vocab=vocab, merges=merge_pairs)
     if len(tok) != VOCAB_SIZE or tok.convert_tokens_to_ids("<|endoftext|>") != EOT_TOKEN_ID:
         raise RuntimeError(
             f"transformers built a CLIP tokenizer with {len(tok)} tokens instead of {VOCAB_SIZE}; "
