@@ -31,6 +31,7 @@ from inctrl_jax.data.layouts import (
     NORMAL_DEFECT,
     DataError,
     Dataset,
+    OnError,
     Sample,
     read_inctrl_json,
     scan_folder,
