@@ -1,0 +1,583 @@
+"""The user-facing InCTRL detector.
+
+Example::
+
+    det = Detector.from_checkpoint("checkpoints/8/checkpoint.pyth")     # or a saved directory
+    refs = det.build_reference_set(["good/000.png", "good/001.png"], category="transistor")
+    refs.save("refs/transistor")                                       # reuse later: ReferenceSet.load
+    results = det.score(["test/bent_lead/000.png"], refs)
+    results[0].score, results[0].anomaly_map
+
+Scoring is batched and jit-compiled: one backbone forward per batch of queries, the last batch
+padded to a fixed size so nothing recompiles; the reference set and its text prototypes are built
+once and never recomputed per query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inctrl_jax.clip.model import CLIP, CLIPConfig
+from inctrl_jax.model import checkpoint as ckpt
+from inctrl_jax.model.prompts import prompt_ensembles
+from inctrl_jax.model.reference import ReferenceSet, ReferenceSetError, load_prompt_file
+from inctrl_jax.model.scoring import (
+    DEFAULT_CHUNK,
+    ScoreOutputs,
+    l2_normalize,
+    score_queries,
+    text_prior,
+    text_prototypes_from_embeds,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+ImageInput = str | os.PathLike | np.ndarray | Any  # path, preprocessed array [S, S, 3], or PIL image
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """The scores and maps of one query image.
+
+    Attributes:
+      score: final anomaly score; higher = more anomalous. Its meaning depends on ``mode``.
+      s_p: patch score, max of the residual map (NaN when zero-shot).
+      s_i: image-level score of the image head (NaN without trained heads or zero-shot).
+      s_a: text prior, probability of the abnormal text prototype.
+      residual_map: M on the patch grid, ``[g, g]`` (NaN when zero-shot).
+      anomaly_map: M bilinearly upsampled to the input image: the original file's size for paths
+        and PIL images (NaN on the border the centre crop removed), ``[S, S]`` for arrays.
+      mode: ``"inctrl"`` (trained heads: (h + s_p) / 2), ``"training_free"`` (no heads:
+        (s_p + s_a) / 2) or ``"zero_shot"`` (no references: s_a).
+      source: the file path, or ``"array[i]"``.
+    """
+
+    score: float
+    s_p: float
+    s_i: float
+    s_a: float
+    residual_map: np.ndarray
+    anomaly_map: np.ndarray
+    mode: str
+    source: str
+
+    @property
+    def zero_shot(self) -> bool:
+        """True when the score is the text prior alone (the reference set had no images)."""
+        return self.mode == "zero_shot"
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _fallback_preprocess(image: Any, image_size: int) -> np.ndarray:
+    """Reference preprocessing: bicubic short-side resize, centre crop, RGB, CLIP mean/std."""
+    from PIL import Image
+
+    w, h = image.size
+    if (w, h) != (image_size, image_size) and min(w, h) != image_size:
+        size = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    w, h = image.size
+    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
+    image = image.crop((left, top, left + image_size, top + image_size)).convert("RGB")
+    return ((np.asarray(image, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+
+
+class Detector:
+    """InCTRL anomaly detector: a frozen CLIP backbone plus (optionally) the trained heads.
+
+    Build one with :meth:`from_checkpoint` or :meth:`from_backbone`; then
+    :meth:`build_reference_set` once per category and :meth:`score` any number of queries.
+
+    Args:
+      weights: backbone config and params, head variables (or ``None``), tap layers.
+      backbone_id: name recorded in reference sets, so sets from another backbone are refused.
+      batch_size: queries per backbone forward (the last batch is padded to this size).
+      chunk: reference patches per step of the nearest-neighbour search (bounds memory).
+    """
+
+    def __init__(
+        self,
+        weights: ckpt.InCTRLWeights,
+        *,
+        backbone_id: str = "custom",
+        batch_size: int = 8,
+        chunk: int | None = DEFAULT_CHUNK,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.weights = weights
+        self.backbone_id = backbone_id
+        self.batch_size = int(batch_size)
+        self.chunk = chunk
+        self._model = CLIP(weights.config)
+        self._clip_params = jax.tree.map(jnp.asarray, weights.clip_params)
+        self._heads = (
+            None if weights.head_variables is None else jax.tree.map(jnp.asarray, weights.head_variables)
+        )
+        self._prototype_cache: dict[str, np.ndarray] = {}
+        taps = tuple(weights.tap_layers)
+        model = self._model
+
+        def encode(params, pixels):
+            out = model.apply({"params": params}, pixels, taps, method=CLIP.encode_image)
+            return out.embeds, out.taps[:, :, 1:]
+
+        def score(params, heads, pixels, ref_tokens, ref_embeds, protos):
+            embeds, tokens = encode(params, pixels)
+            return score_queries(
+                heads, tokens, embeds, ref_tokens, ref_embeds, protos, chunk=chunk, references_normalized=True
+            )
+
+        def zero_shot(params, pixels, protos):
+            embeds, _ = encode(params, pixels)
+            return jax.vmap(text_prior, in_axes=(0, None))(embeds, protos)
+
+        def encode_text(params, ids):
+            return model.apply({"params": params}, ids, method=CLIP.encode_text)
+
+        self._encode = jax.jit(encode)
+        self._score = jax.jit(score)
+        self._zero_shot = jax.jit(zero_shot)
+        self._encode_text = jax.jit(encode_text)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: CLIPConfig | None = None,
+        tap_layers: Sequence[int] = ckpt.DEFAULT_TAP_LAYERS,
+        **kwargs: Any,
+    ) -> Detector:
+        """Load a trained detector: an official InCTRL checkpoint file or a directory saved by :meth:`save`.
+
+        Args:
+          path: ``checkpoint.pyth`` (torch pickle; needs torch), a safetensors copy of it, or a
+            directory with ``config.json`` + ``model.safetensors``.
+          config: backbone architecture for official files (inferred from shapes when ``None``).
+          tap_layers: 1-based tapped blocks for official files (saved directories store theirs).
+          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``.
+        """
+        p = Path(path).expanduser()
+        if p.is_dir():
+            weights = ckpt.load_model(p)
+        else:
+            weights = ckpt.load_official_checkpoint(p, config=config, tap_layers=tuple(tap_layers))
+        kwargs.setdefault("backbone_id", _config_id(weights.config))
+        return cls(weights, **kwargs)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | os.PathLike,
+        heads: dict[str, Any] | None = None,
+        *,
+        backbone: str | CLIPConfig | None = None,
+        tag: str | None = None,
+        tap_layers: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> Detector:
+        """A detector on a plain CLIP backbone (registry name, hub id, directory or file).
+
+        Without ``heads`` it scores training-free: ``(s_p + s_a) / 2`` from the patch residuals and
+        the text prior (results carry ``mode="training_free"``).
+
+        Args:
+          name_or_path: anything :func:`inctrl_jax.clip.loading.load_clip` accepts.
+          heads: head variables ``{"params", "batch_stats"}`` (e.g. from training), or ``None``.
+          backbone: architecture hint for sources without a config.
+          tag: pretrained tag of a registry name.
+          tap_layers: 1-based tapped blocks; default: the registry's, else (7, 9, 11).
+          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``.
+        """
+        from inctrl_jax.clip.loading import load_clip
+        from inctrl_jax.clip.registry import BACKBONES
+
+        config, params = load_clip(name_or_path, backbone=backbone, tag=tag)
+        if tap_layers is None:
+            name = str(name_or_path)
+            tap_layers = BACKBONES[name].tap_layers if name in BACKBONES else ckpt.DEFAULT_TAP_LAYERS
+        weights = ckpt.InCTRLWeights(config, params, heads, tuple(tap_layers))
+        kwargs.setdefault("backbone_id", _config_id(config))
+        return cls(weights, **kwargs)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save backbone + heads as ``config.json`` + ``model.safetensors`` (load with :meth:`from_checkpoint`)."""
+        return ckpt.save_model(directory, self.weights)
+
+    def official_state_dict(self) -> dict[str, np.ndarray]:
+        """The model as an official InCTRL state dict (PyTorch names and layouts, numpy arrays)."""
+        return ckpt.to_official_state_dict(self.weights)
+
+    @property
+    def config(self) -> CLIPConfig:
+        return self.weights.config
+
+    @property
+    def image_size(self) -> int:
+        return self.weights.config.vision.image_size
+
+    @property
+    def has_heads(self) -> bool:
+        return self.weights.head_variables is not None
+
+    # ---------------------------------------------------------------- inputs
+
+    def load_images(
+        self, images: ImageInput | Iterable[ImageInput]
+    ) -> tuple[np.ndarray, list[str], list[Any]]:
+        """Preprocess images into ``[N, S, S, 3]``.
+
+        Accepts a folder (its image files, sorted), a file path, a list of paths / PIL images /
+        preprocessed ``[S, S, 3]`` arrays, or one ``[N, S, S, 3]`` array.
+
+        Returns:
+          ``(pixels, sources, geometries)``; a geometry is ``None`` for preprocessed arrays.
+
+        Raises:
+          ValueError: wrong array size, NaN/Inf pixels, a folder without images.
+          FileNotFoundError: a path that does not exist.
+        """
+        items = self._expand(images)
+        pixels, sources, geoms = [], [], []
+        s = self.image_size
+        for i, item in enumerate(items):
+            if isinstance(item, np.ndarray) or hasattr(item, "__jax_array__") or isinstance(item, jax.Array):
+                arr = np.asarray(item, np.float32)
+                if arr.shape != (s, s, 3):
+                    raise ValueError(
+                        f"image array {i} has shape {arr.shape}; expected a preprocessed [{s}, {s}, 3] (NHWC) "
+                        f"array, or pass the file path / PIL image and let the detector preprocess it"
+                    )
+                pixels.append(arr)
+                sources.append(f"array[{i}]")
+                geoms.append(None)
+                continue
+            if isinstance(item, str | os.PathLike):
+                p = Path(item).expanduser()
+                if not p.is_file():
+                    raise FileNotFoundError(f"image file {p} does not exist")
+                arr, geom = self._preprocess_file(p)
+                sources.append(str(p))
+            else:
+                arr, geom = self._preprocess_pil(item)
+                sources.append(f"image[{i}]")
+            pixels.append(arr)
+            geoms.append(geom)
+        if not pixels:
+            return np.zeros((0, s, s, 3), np.float32), [], []
+        stacked = np.stack(pixels)
+        bad = ~np.isfinite(stacked).all(axis=(1, 2, 3))
+        if bad.any():
+            names = [sources[i] for i in np.flatnonzero(bad)[:5]]
+            raise ValueError(f"NaN or Inf pixels in {', '.join(names)}; check the inputs")
+        return stacked, sources, geoms
+
+    @staticmethod
+    def _expand(images: Any) -> list[Any]:
+        if isinstance(images, str | os.PathLike):
+            p = Path(images).expanduser()
+            if p.is_dir():
+                files = sorted(f for f in p.iterdir() if f.is_file() and _is_image_file(f))
+                if not files:
+                    raise ValueError(f"folder {p} contains no image files ({', '.join(IMAGE_SUFFIXES)})")
+                return list(files)
+            return [p]
+        if isinstance(images, np.ndarray | jax.Array):
+            arr = np.asarray(images)
+            return list(arr) if arr.ndim == 4 else [arr]
+        if hasattr(images, "convert") and hasattr(images, "size"):  # a single PIL image
+            return [images]
+        return list(images)
+
+    def _preprocess_pil(self, image: Any) -> tuple[np.ndarray, Any]:
+        try:
+            from inctrl_jax.data.preprocess import preprocess_with_geometry
+        except ImportError:
+            return _fallback_preprocess(image, self.image_size), None
+        return preprocess_with_geometry(image, self.image_size)
+
+    def _preprocess_file(self, path: Path) -> tuple[np.ndarray, Any]:
+        try:
+            from inctrl_jax.data.preprocess import open_image
+        except ImportError:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                return self._preprocess_pil(im)
+        return self._preprocess_pil(open_image(path))
+
+    # ---------------------------------------------------------------- features
+
+    def _batches(self, pixels: np.ndarray) -> Iterable[tuple[np.ndarray, int]]:
+        b = self.batch_size
+        for start in range(0, len(pixels), b):
+            chunk = pixels[start : start + b]
+            n = len(chunk)
+            if n < b:  # pad to a fixed shape so jit never recompiles
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            yield chunk, n
+
+    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class embeds ``[N, E]`` and patch tokens of the tapped layers ``[N, L, P, D]`` of preprocessed pixels."""
+        embeds, tokens = [], []
+        for chunk, n in self._batches(pixels):
+            e, t = self._encode(self._clip_params, jnp.asarray(chunk))
+            embeds.append(np.asarray(e[:n]))
+            tokens.append(np.asarray(t[:n]))
+        return np.concatenate(embeds), np.concatenate(tokens)
+
+    def text_prototypes(self, category: str, token_ids: np.ndarray | None = None) -> np.ndarray:
+        """``[g_n, g_a]`` of ``category`` (``[2, E]``), computed once per category and cached.
+
+        Args:
+          category: the category name (``_`` becomes a space in the prompts).
+          token_ids: optional pre-tokenised ensemble ``[n_normal + n_abnormal, 77]`` in the order of
+            :func:`~inctrl_jax.model.prompts.prompt_ensembles`; default: tokenise the prompts.
+        """
+        if token_ids is None and category in self._prototype_cache:
+            return self._prototype_cache[category]
+        normal, abnormal = prompt_ensembles(category)
+        if token_ids is None:
+            from inctrl_jax.clip.tokenizer import tokenize
+
+            token_ids = tokenize(normal + abnormal, self.config.text.context_length)
+        ids = np.asarray(token_ids, np.int32)
+        if ids.shape[0] != len(normal) + len(abnormal):
+            raise ValueError(
+                f"token_ids has {ids.shape[0]} rows; {category!r} has {len(normal)} normal + "
+                f"{len(abnormal)} abnormal prompts"
+            )
+        embeds = []
+        b = 64
+        for start in range(0, len(ids), b):
+            part = ids[start : start + b]
+            n = len(part)
+            if n < b:
+                part = np.concatenate([part, np.repeat(part[-1:], b - n, axis=0)])
+            embeds.append(np.asarray(self._encode_text(self._clip_params, jnp.asarray(part)))[:n])
+        emb = np.concatenate(embeds)
+        protos = np.asarray(text_prototypes_from_embeds(emb[: len(normal)], emb[len(normal) :]))
+        self._prototype_cache[category] = protos
+        return protos
+
+    # ---------------------------------------------------------------- reference sets
+
+    def build_reference_set(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        category: str,
+        *,
+        k: int | None = None,
+    ) -> ReferenceSet:
+        """Encode K normal reference images of ``category`` once.
+
+        Args:
+          images: a folder, file paths, PIL images or preprocessed arrays (see :meth:`load_images`).
+          category: the category name (also the text-prompt object).
+          k: use the first ``k`` images (default: all).
+
+        Raises:
+          ReferenceSetError: no images, or ``k`` larger than the number of images given.
+        """
+        pixels, sources, _ = self.load_images(images)
+        if k is not None:
+            if k < 1:
+                raise ReferenceSetError(f"k must be >= 1 (got {k}); use zero_shot_reference_set() for K = 0")
+            if k > len(pixels):
+                raise ReferenceSetError(
+                    f"k={k} reference images requested for {category!r} but only {len(pixels)} given"
+                )
+            pixels, sources = pixels[:k], sources[:k]
+        if len(pixels) == 0:
+            raise ReferenceSetError(
+                f"empty reference set for {category!r}: pass at least one normal image, or call "
+                "zero_shot_reference_set(category) to score with the text prior alone"
+            )
+        return self._reference_set_from_pixels(pixels, sources, category)
+
+    def reference_set_from_prompt_file(self, path: str | os.PathLike, category: str) -> ReferenceSet:
+        """A reference set from an official few-shot ``.pt`` file (list of preprocessed tensors; needs torch)."""
+        pixels = load_prompt_file(path)
+        s = self.image_size
+        if pixels.shape[1:] != (s, s, 3):
+            raise ReferenceSetError(
+                f"{path}: prompts are {pixels.shape[1:3]} pixels, the backbone expects {s} x {s}"
+            )
+        if not np.isfinite(pixels).all():
+            raise ReferenceSetError(f"{path}: NaN or Inf in the prompt tensors")
+        return self._reference_set_from_pixels(pixels, [f"{path}[{i}]" for i in range(len(pixels))], category)
+
+    def zero_shot_reference_set(self, category: str) -> ReferenceSet:
+        """A K = 0 set: queries are scored by the text prior alone (``mode="zero_shot"``)."""
+        cfg = self.config.vision
+        protos = self.text_prototypes(category)
+        return ReferenceSet(
+            category=category,
+            patch_tokens=np.zeros((len(self.weights.tap_layers), 0, cfg.width), np.float32),
+            class_embeds=np.zeros((0, cfg.embed_dim), np.float32),
+            text_prototypes=protos,
+            reference_files=[],
+            backbone=self.backbone_id,
+            tap_layers=tuple(self.weights.tap_layers),
+            num_patches=cfg.num_patches,
+        )
+
+    def _reference_set_from_pixels(
+        self, pixels: np.ndarray, sources: list[str], category: str
+    ) -> ReferenceSet:
+        embeds, tokens = self.encode_images(pixels)
+        k, n_layers, p, d = tokens.shape
+        normalized = np.asarray(l2_normalize(jnp.asarray(tokens)))
+        return ReferenceSet(
+            category=category,
+            patch_tokens=normalized.transpose(1, 0, 2, 3).reshape(n_layers, k * p, d),
+            class_embeds=embeds,
+            text_prototypes=self.text_prototypes(category),
+            reference_files=list(sources),
+            backbone=self.backbone_id,
+            tap_layers=tuple(self.weights.tap_layers),
+            num_patches=p,
+        )
+
+    def _check_reference_set(self, refs: ReferenceSet) -> None:
+        cfg = self.config.vision
+        problems = []
+        if refs.backbone != self.backbone_id:
+            problems.append(
+                f"it was built with backbone {refs.backbone!r}, this detector is {self.backbone_id!r}"
+            )
+        if tuple(refs.tap_layers) != tuple(self.weights.tap_layers):
+            problems.append(f"tap layers {refs.tap_layers} != {tuple(self.weights.tap_layers)}")
+        if refs.num_patches != cfg.num_patches or refs.patch_tokens.shape[-1] != cfg.width:
+            problems.append("its token shapes do not match the backbone")
+        if problems:
+            raise ReferenceSetError(
+                f"reference set {refs.category!r} does not fit this detector: "
+                + "; ".join(problems)
+                + ". Build it again with this detector's build_reference_set()."
+            )
+
+    # ---------------------------------------------------------------- scoring
+
+    def predict(self, pixels: np.ndarray, reference_set: ReferenceSet) -> ScoreOutputs:
+        """Batched scores of preprocessed ``[N, S, S, 3]`` pixels as numpy arrays (no upsampled maps).
+
+        Zero-shot sets give ``score = s_a`` and NaN for everything else.
+        """
+        self._check_reference_set(reference_set)
+        pixels = np.asarray(pixels, np.float32)
+        s = self.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
+            raise ValueError(f"pixels must be [N, {s}, {s}, 3] (preprocessed, NHWC), got {pixels.shape}")
+        if not np.isfinite(pixels).all():
+            raise ValueError("NaN or Inf in the query pixels; check the inputs")
+        protos = jnp.asarray(reference_set.text_prototypes)
+        outs: list[Any] = []
+        if reference_set.zero_shot:
+            for chunk, n in self._batches(pixels):
+                outs.append(np.asarray(self._zero_shot(self._clip_params, jnp.asarray(chunk), protos))[:n])
+            s_a = np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+            nan = np.full_like(s_a, np.nan)
+            p = self.config.vision.num_patches
+            nan_map = np.full((len(s_a), p), np.nan, np.float32)
+            n_l = len(self.weights.tap_layers)
+            nan_e = np.full((len(s_a), self.config.vision.embed_dim), np.nan, np.float32)
+            return ScoreOutputs(
+                s_a, nan, nan, s_a, nan_map, np.full((len(s_a), n_l, p), np.nan, np.float32), nan_map, nan,
+                nan_e, nan_e, None,
+            )  # fmt: skip
+        ref_tokens = jnp.asarray(reference_set.patch_tokens)
+        ref_embeds = jnp.asarray(reference_set.class_embeds)
+        for chunk, n in self._batches(pixels):
+            out = self._score(
+                self._clip_params, self._heads, jnp.asarray(chunk), ref_tokens, ref_embeds, protos
+            )
+            outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out[:-1]))
+        if not outs:
+            raise ValueError("no query images given")
+        fields = [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+        return ScoreOutputs(*fields, None)
+
+    def score(
+        self, images: ImageInput | Iterable[ImageInput], reference_set: ReferenceSet
+    ) -> list[ScoreResult]:
+        """Score query images against a reference set.
+
+        Args:
+          images: a folder, file paths, PIL images, preprocessed ``[S, S, 3]`` arrays or one
+            ``[N, S, S, 3]`` array.
+          reference_set: from :meth:`build_reference_set` (or :meth:`zero_shot_reference_set`).
+
+        Returns:
+          One :class:`ScoreResult` per image, in input order.
+        """
+        pixels, sources, geoms = self.load_images(images)
+        if len(pixels) == 0:
+            raise ValueError("no query images given")
+        out = self.predict(pixels, reference_set)
+        mode = "zero_shot" if reference_set.zero_shot else ("inctrl" if self.has_heads else "training_free")
+        g = self.config.vision.grid_size
+        results = []
+        for i, src in enumerate(sources):
+            grid = np.asarray(out.residual_map[i], np.float32).reshape(g, g)
+            results.append(
+                ScoreResult(
+                    score=float(out.score[i]),
+                    s_p=float(out.s_p[i]),
+                    s_i=float(out.s_i[i]),
+                    s_a=float(out.s_a[i]),
+                    residual_map=grid,
+                    anomaly_map=self._upsample(grid, geoms[i]),
+                    mode=mode,
+                    source=src,
+                )
+            )
+        return results
+
+    def _upsample(self, grid: np.ndarray, geometry: Any) -> np.ndarray:
+        s = self.image_size
+        if geometry is not None:
+            from inctrl_jax.data.preprocess import project_to_original
+
+            return project_to_original(grid, geometry)[0]
+        return np.asarray(jax.image.resize(jnp.asarray(grid), (s, s), method="bilinear"))
+
+
+@functools.lru_cache(maxsize=32)
+def _registry_match(config: CLIPConfig) -> str | None:
+    from inctrl_jax.clip.registry import BACKBONES
+
+    for name, b in BACKBONES.items():
+        if b.config == config:
+            return name
+    return None
+
+
+def _config_id(config: CLIPConfig) -> str:
+    """A readable backbone id: the registry name if the config is registered, else its shape."""
+    name = _registry_match(config)
+    if name is not None:
+        return name
+    v, t = config.vision, config.text
+    return (
+        f"vit{v.width}x{v.layers}h{v.heads}-p{v.patch_size}-{v.image_size}-e{v.embed_dim}-{v.act}"
+        f"_text{t.width}x{t.layers}h{t.heads}"
+    )
