@@ -255,7 +255,9 @@ class Detector:
           FileNotFoundError: a path that does not exist.
         """
         items = self._expand(images)
-        pixels, sources, geoms = [], [], []
+        pixels: list[np.ndarray] = []
+        sources: list[str] = []
+        geoms: list[Any] = []
         s = self.image_size
         for i, item in enumerate(items):
             if isinstance(item, np.ndarray) or hasattr(item, "__jax_array__") or isinstance(item, jax.Array):
@@ -514,7 +516,7 @@ class Detector:
         if not outs:
             raise ValueError("no query images given")
         fields = [np.concatenate(parts) for parts in zip(*outs, strict=True)]
-        return ScoreOutputs(*fields, None)
+        return ScoreOutputs(*fields, None)  # type: ignore[call-arg]
 
     def score(
         self, images: ImageInput | Iterable[ImageInput], reference_set: ReferenceSet

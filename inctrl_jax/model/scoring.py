@@ -23,8 +23,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from inctrl_jax.model.heads import InCTRLHeads
+
+Tensor = jax.Array | np.ndarray
+"""A JAX array, or a numpy array once outputs have been fetched to the host."""
 
 TEXT_TEMPERATURE = 100.0
 """Fixed text-prior temperature of the reference code (CLIP's logit_scale is not used)."""
@@ -95,10 +99,10 @@ def text_prior(query_embed: jax.Array, text_prototypes: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)[1]
 
 
-def text_prototypes_from_embeds(normal_embeds: jax.Array, abnormal_embeds: jax.Array) -> jax.Array:
+def text_prototypes_from_embeds(normal_embeds: Tensor, abnormal_embeds: Tensor) -> jax.Array:
     """[g_n, g_a] with g = normalize(mean_i normalize(e_i)): ``[n, E], [m, E] -> [2, E]``."""
-    g_n = l2_normalize(jnp.mean(l2_normalize(normal_embeds), axis=0))
-    g_a = l2_normalize(jnp.mean(l2_normalize(abnormal_embeds), axis=0))
+    g_n = l2_normalize(jnp.mean(l2_normalize(jnp.asarray(normal_embeds)), axis=0))
+    g_a = l2_normalize(jnp.mean(l2_normalize(jnp.asarray(abnormal_embeds)), axis=0))
     return jnp.stack([g_n, g_a])
 
 
@@ -144,25 +148,25 @@ def legacy_scramble(
 class ScoreOutputs(NamedTuple):
     """Per-query outputs of :func:`score_queries` (leading axis B)."""
 
-    score: jax.Array
+    score: Tensor
     """final anomaly score (h + s_p) / 2, or (s_p + s_a) / 2 without heads, ``[B]``."""
-    s_p: jax.Array
+    s_p: Tensor
     """patch score max_j M[j], ``[B]``."""
-    s_i: jax.Array
+    s_i: Tensor
     """image-level score eta(r), ``[B]`` (NaN without heads)."""
-    s_a: jax.Array
+    s_a: Tensor
     """text prior, ``[B]``."""
-    residual_map: jax.Array
+    residual_map: Tensor
     """M, ``[B, P]`` in raster order of the patch grid."""
-    layer_residuals: jax.Array
+    layer_residuals: Tensor
     """m^l per tapped layer, ``[B, L, P]``."""
-    residual_map_plus: jax.Array
+    residual_map_plus: Tensor
     """M_plus = M + s_i + s_a, ``[B, P]`` (NaN without heads)."""
-    h: jax.Array
+    h: Tensor
     """holistic head output phi(M_plus), ``[B]`` (NaN without heads)."""
-    psi_query: jax.Array
+    psi_query: Tensor
     """psi(t_q), ``[B, E]`` (NaN without heads)."""
-    image_residual: jax.Array
+    image_residual: Tensor
     """r = mean_k psi(t_k) - psi(t_q), ``[B, E]`` (NaN without heads)."""
     batch_stats: Any
     """updated BatchNorm statistics when ``train=True``, else ``None``."""
