@@ -223,3 +223,36 @@ def test_shared_real_datasets_read_completely(source, category, counts, n_masks)
     assert ds.categories == [category] and not ds.skipped
     assert ds.counts()[category] == counts
     assert sum(s.mask_path is not None for s in ds) == n_masks
+
+
+def test_tree_with_every_image_mode_scans_and_decodes(tmp_path):
+    from inctrl_jax.data.pipeline import eval_batches
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    good = tmp_path / "widget/train/good"
+    good.mkdir(parents=True)
+    files = {
+        "1": ("m1.png", rgb.convert("1")),
+        "L": ("mL.png", rgb.convert("L")),
+        "LA": ("mLA.png", rgb.convert("LA")),
+        "P": ("mP.png", rgb.convert("P")),
+        "RGB": ("mRGB.jpg", rgb),
+        "RGBA": ("mRGBA.png", rgb.convert("RGBA")),
+        "CMYK": ("mCMYK.tif", rgb.convert("CMYK")),
+        "I;16": ("mI16.png", Image.fromarray(rng.integers(0, 65536, (20, 30), dtype=np.uint16))),
+        "I": ("mI.tif", Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.int32), "I")),
+    }
+    for name, im in files.values():
+        im.save(good / name)
+    _img(tmp_path / "widget/test/bad/x.png")
+    ds = scan_mvtec(tmp_path)
+    assert ds.counts()["widget"]["train_normal"] == len(files)
+    opened = set()
+    for s in ds.select(split="train"):
+        with Image.open(s.path) as im:
+            opened.add("I;16" if im.mode.startswith("I;16") else im.mode)
+    assert opened == set(files)
+    (batch,) = list(eval_batches(ds.select(split="train"), 16, 16))
+    assert batch["valid"][: len(files)].all() and batch["image"].shape == (16, 16, 16, 3)
+    assert np.isfinite(batch["image"]).all()
