@@ -245,7 +245,7 @@ def test_fp32_updated_parameters_and_bn_stats_match_where_reliable(fp32_step):
         tol = 1e-5 if "running_" in name else 1e-6
         assert err < tol, f"{key}: max |ours - official| over reliable entries = {err:.3g} >= {tol:.3g}"
         checked += int(mask.sum())
-    assert checked > 100_000
+    assert checked > 75_000  # about 80 % (legacy) and 95 % (correct) of the entries
 
 
 @pytest.fixture(scope="module")
