@@ -214,6 +214,9 @@ class RunInfo:
     checkpoint_sha256: str | None = None
     real_result: bool = True
     notice: str = ""
+    """Short reason shown on every output when ``real_result`` is False."""
+    details: str = ""
+    """Longer explanation (what failed, what to provide), kept in ``meta.json``."""
 
     @property
     def label(self) -> str:

@@ -8,8 +8,9 @@ without, the training-free score (s_p + s_a) / 2 (patch residual and text prior 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,47 +18,7 @@ import numpy as np
 
 from inctrl_jax.clip.model import CLIP, CLIPConfig
 from inctrl_jax.model import scoring
-
-# Text prompt ensemble of the reference code (WinCLIP-style compositional prompts).
-NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-ABNORMAL_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-TEMPLATES = tuple(
-    f"a {kind}photo of {article} {{}}{suffix}."
-    for kind, suffix in (
-        ("cropped ", ""),
-        ("close-up ", ""),
-        ("bright ", ""),
-        ("dark ", ""),
-        ("jpeg corrupted ", ""),
-        ("blurry ", ""),
-        ("", ""),
-        ("", " for visual inspection"),
-        ("", " for anomaly detection"),
-    )
-    for article in ("a", "the")
-) + tuple(f"a photo of {article} {size} {{}}." for size in ("small", "large") for article in ("a", "the"))
-# Object names that get a single sentence per class instead of the ensemble.
-SINGLE_SENTENCE_OBJECTS = frozenset(
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck", "animal"]
-)
-
-
-def text_prompts(category: str) -> tuple[list[str], list[str]]:
-    """The normal and abnormal sentences for a category (``_`` in the name becomes a space)."""
-    obj = category.replace("_", " ")
-    if obj in SINGLE_SENTENCE_OBJECTS:
-        return [f"a photo of {obj} for anomaly detection."], [f"a photo without {obj} for anomaly detection."]
-    normal = [t.format(s.format(obj)) for s in NORMAL_STATES for t in TEMPLATES]
-    abnormal = [t.format(s.format(obj)) for s in ABNORMAL_STATES for t in TEMPLATES]
-    return normal, abnormal
+from inctrl_jax.model.prompts import prompt_ensembles
 
 
 class FewShotScorer:
@@ -122,7 +83,7 @@ class FewShotScorer:
         if category not in self._prototypes:
             from inctrl_jax.clip.tokenizer import tokenize
 
-            normal, abnormal = text_prompts(category)
+            normal, abnormal = prompt_ensembles(category)
             ctx = self.config.text.context_length
             emb = self._encode_text(self.params, jnp.asarray(tokenize(normal + abnormal, ctx)))
             self._prototypes[category] = scoring.text_prototypes_from_embeds(
@@ -187,13 +148,17 @@ def tiny_clip_config(
     )
 
 
-def head_variables_from_checkpoint(path: str, clip_config: CLIPConfig) -> tuple[dict, Any]:
-    """Head variables from a checkpoint (official InCTRL ``.pyth``/safetensors, or ours)."""
-    try:
-        from inctrl_jax.model import checkpoint as model_checkpoint  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise NotImplementedError(
-            f"loading trained heads from {path} needs inctrl_jax.model.checkpoint, which is not available "
-            "in this version; run without --config.checkpoint for the training-free score"
-        ) from err
-    return model_checkpoint.load_heads(path, clip_config)  # type: ignore[attr-defined]
+def load_checkpoint(path: str | os.PathLike):
+    """Backbone and heads of a trained model: our directory format or an official InCTRL file.
+
+    Returns:
+        :class:`inctrl_jax.model.checkpoint.InCTRLWeights`.
+    """
+    from inctrl_jax.model import checkpoint as model_checkpoint
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; check --config.checkpoint")
+    if p.is_dir():
+        return model_checkpoint.load_model(p)
+    return model_checkpoint.load_official_checkpoint(p)
