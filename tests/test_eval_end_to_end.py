@@ -42,7 +42,13 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize(("dataset", "has_masks"), DATASETS)
-def test_evaluation_writes_every_report_and_metrics_match_sklearn(tmp_path, dataset, has_masks):
+def test_evaluation_writes_every_report_and_metrics_match_sklearn(
+    tmp_path, monkeypatch, scorer, dataset, has_masks
+):
+    # One compiled tiny scorer for all four datasets keeps this fast; the config path that builds
+    # the scorer is exercised by test_cli_builds_the_tiny_backbone_from_the_config.
+    info = RunInfo("inctrl-tiny-random", "training-free", "tiny", "random", real_result=False, notice="tiny")
+    monkeypatch.setattr(cli, "build_scorer", lambda cfg: cli.Built(scorer, info))
     cfg = eval_tiny.get_config()
     cfg.dataset_root = str(DATA / dataset)
     cfg.results_dir = str(tmp_path)
@@ -102,6 +108,24 @@ def test_evaluation_writes_every_report_and_metrics_match_sklearn(tmp_path, data
     assert summary["image_auroc_std"] == pytest.approx(np.std(vals), abs=1e-12)
     dataset_metrics = json.loads((model_dir / "_dataset" / "latest" / "metrics.json").read_text())
     assert dataset_metrics["dataset_mean"][0]["image_auroc_mean"] == pytest.approx(np.mean(vals), abs=1e-12)
+
+
+def test_cli_builds_the_tiny_backbone_from_the_config(tmp_path):
+    cfg = eval_tiny.get_config()
+    cfg.dataset_root = str(REPO / "sample_data")
+    cfg.results_dir = str(tmp_path)
+    cfg.seeds = "0"
+    cfg.tiny.layers = 2
+    cfg.tap_layers = ""  # default: the last blocks
+    cfg.heatmap_limit = 1
+    cfg.progress = False
+    (report,) = cli.run_evaluation(cfg)
+    run = report.categories["transistor"].runs[0]
+    assert run.n_normal == 2 and run.n_anomalous == 3
+    assert all(0.0 <= v <= 1.0 for v in run.metrics.values())
+    assert set(run.metrics) == {"image_auroc", "image_auprc", "image_f1_max", "pixel_auroc", "pixel_aupro"}
+    meta = json.loads((report.categories["transistor"].dir / "meta.json").read_text())
+    assert meta["model"] == "inctrl-tiny-random" and meta["real_result"] is False
 
 
 def _mini_category(root: Path, n_ref: int = 2, normals: int = 2, anomalous: int = 0) -> Path:
