@@ -104,7 +104,8 @@ class Detector:
 
     Args:
       weights: backbone config and params, head variables (or ``None``), tap layers.
-      backbone_id: name recorded in reference sets, so sets from another backbone are refused.
+      backbone_id: name recorded in reference sets, so sets from another backbone are refused;
+        default: :func:`backbone_fingerprint` (architecture name + a hash of the vision weights).
       batch_size: queries per backbone forward (the last batch is padded to this size).
       chunk: reference patches per step of the nearest-neighbour search (bounds memory).
     """
@@ -113,14 +114,14 @@ class Detector:
         self,
         weights: ckpt.InCTRLWeights,
         *,
-        backbone_id: str = "custom",
+        backbone_id: str | None = None,
         batch_size: int = 8,
         chunk: int | None = DEFAULT_CHUNK,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.weights = weights
-        self.backbone_id = backbone_id
+        self.backbone_id = backbone_id or backbone_fingerprint(weights.config, weights.clip_params)
         self.batch_size = int(batch_size)
         self.chunk = chunk
         self._model = CLIP(weights.config)
@@ -179,7 +180,6 @@ class Detector:
             weights = ckpt.load_model(p)
         else:
             weights = ckpt.load_official_checkpoint(p, config=config, tap_layers=tuple(tap_layers))
-        kwargs.setdefault("backbone_id", _config_id(weights.config))
         return cls(weights, **kwargs)
 
     @classmethod
@@ -214,7 +214,6 @@ class Detector:
             name = str(name_or_path)
             tap_layers = BACKBONES[name].tap_layers if name in BACKBONES else ckpt.DEFAULT_TAP_LAYERS
         weights = ckpt.InCTRLWeights(config, params, heads, tuple(tap_layers))
-        kwargs.setdefault("backbone_id", _config_id(config))
         return cls(weights, **kwargs)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -583,3 +582,15 @@ def _config_id(config: CLIPConfig) -> str:
         f"vit{v.width}x{v.layers}h{v.heads}-p{v.patch_size}-{v.image_size}-e{v.embed_dim}-{v.act}"
         f"_text{t.width}x{t.layers}h{t.heads}"
     )
+
+
+def backbone_fingerprint(config: CLIPConfig, clip_params: dict[str, Any]) -> str:
+    """``<architecture>@<hash>``: the registry name (or shape) plus a hash of the patch embedding and
+    class token, so reference sets built with other weights of the same architecture are refused."""
+    import hashlib
+
+    v = clip_params["visual"]
+    digest = hashlib.sha1()
+    for arr in (v["patch_embed"]["kernel"], v["class_embedding"], v["proj"]["kernel"]):
+        digest.update(np.ascontiguousarray(np.asarray(arr, np.float32)).tobytes())
+    return f"{_config_id(config)}@{digest.hexdigest()[:12]}"
