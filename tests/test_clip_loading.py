@@ -307,3 +307,14 @@ def test_without_torch(monkeypatch, golden_sd, tmp_path):
         read_state_dict(pth)
     # safetensors needs no torch
     assert len(read_state_dict(GOLDEN / "weights.safetensors")) == len(golden_sd)
+
+
+def test_bfloat16_compute_option(golden):
+    import jax.numpy as jnp
+
+    config, params = load_clip(GOLDEN / "weights.safetensors", backbone=GOLDEN_CONFIG, towers=("visual",))
+    pixels, cls_ref, _ = golden
+    out = CLIP(config, dtype=jnp.bfloat16).apply({"params": params}, pixels, (7,), method=CLIP.encode_image)
+    assert out.embeds.dtype == jnp.bfloat16
+    err = float(np.abs(np.asarray(out.embeds, np.float32) - cls_ref).max() / np.abs(cls_ref).max())
+    assert err < 5e-2, f"bf16 class token is off by {err:.3f} of its range (tolerance 5e-2)"
