@@ -159,7 +159,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
 @dataclasses.dataclass
