@@ -318,3 +318,51 @@ def test_bfloat16_compute_option(golden):
     assert out.embeds.dtype == jnp.bfloat16
     err = float(np.abs(np.asarray(out.embeds, np.float32) - cls_ref).max() / np.abs(cls_ref).max())
     assert err < 5e-2, f"bf16 class token is off by {err:.3f} of its range (tolerance 5e-2)"
+
+
+class _Holder(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_release_file(golden, golden_sd, tmp_path):
+    # OpenAI's original .pt releases are TorchScript archives whose state dict also carries
+    # input_resolution / context_length / vocab_size buffers.
+    root = _Holder()
+    for key, value in golden_sd.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, _Holder())
+            module = getattr(module, part)
+        module.register_buffer(leaf, torch.from_numpy(value.copy()))
+    for extra in ("input_resolution", "context_length", "vocab_size"):
+        root.register_buffer(extra, torch.tensor(7))
+    path = tmp_path / "ViT-legacy.pt"
+    torch.jit.script(root).save(str(path))
+    config, params = load_clip(path, backbone=GOLDEN_CONFIG, towers=("visual",))
+    _check_golden(config, params, golden)
+
+
+def test_vision_only_transformers_dir(tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    vcfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=16, projection_dim=8, hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(vcfg).eval()
+    model.save_pretrained(tmp_path)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).image_embeds.numpy()
+    config, params = load_clip(tmp_path, towers=("visual",))
+    assert config.vision.act == "gelu" and config.vision.embed_dim == 8
+    out = CLIP(config).apply(
+        {"params": params}, pixels.numpy().transpose(0, 2, 3, 1), method=CLIP.encode_image
+    )
+    diff = float(np.abs(np.asarray(out.embeds) - ref).max())
+    assert diff <= TOL, f"vision-only image embeds differ from torch by {diff:.2e} > {TOL}"

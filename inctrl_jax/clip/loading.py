@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -149,7 +150,9 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         pass
     try:
         if is_jit:  # OpenAI's original release files are TorchScript archives
-            obj: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
