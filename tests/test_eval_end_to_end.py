@@ -18,7 +18,9 @@ from inctrl_jax.evaluation import cli
 from inctrl_jax.evaluation.predict import choose_threshold, predict
 from inctrl_jax.evaluation.report import RunInfo
 from inctrl_jax.evaluation.runner import EvalSettings, evaluate_dataset
-from inctrl_jax.evaluation.scorer import FewShotScorer, tiny_clip_config
+from inctrl_jax.evaluation.scorer import tiny_clip_config
+from inctrl_jax.model.checkpoint import InCTRLWeights
+from inctrl_jax.model.detector import Detector
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
@@ -29,11 +31,11 @@ DATASETS = [("mvtec_ad", True), ("elpv", False), ("headct", False), ("glass", Tr
 
 
 @pytest.fixture(scope="module")
-def scorer():
+def detector():
     from inctrl_jax.clip.model import init_params
 
     config = tiny_clip_config(64, 16, 32, 3)
-    return FewShotScorer(config, init_params(config, 0), None, (2, 3), batch_size=8)
+    return Detector(InCTRLWeights(config, init_params(config, 0), None, (2, 3)), batch_size=8)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -43,12 +45,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize(("dataset", "has_masks"), DATASETS)
 def test_evaluation_writes_every_report_and_metrics_match_sklearn(
-    tmp_path, monkeypatch, scorer, dataset, has_masks
+    tmp_path, monkeypatch, detector, dataset, has_masks
 ):
-    # One compiled tiny scorer for all four datasets keeps this fast; the config path that builds
-    # the scorer is exercised by test_cli_builds_the_tiny_backbone_from_the_config.
+    # One compiled tiny detector for all four datasets keeps this fast; the config path that builds
+    # the detector is exercised by test_cli_builds_the_tiny_backbone_from_the_config.
     info = RunInfo("inctrl-tiny-random", "training-free", "tiny", "random", real_result=False, notice="tiny")
-    monkeypatch.setattr(cli, "build_scorer", lambda cfg: cli.Built(scorer, info))
+    monkeypatch.setattr(cli, "build_detector", lambda cfg: cli.Built(detector, info))
     cfg = eval_tiny.get_config()
     cfg.dataset_root = str(DATA / dataset)
     cfg.results_dir = str(tmp_path)
@@ -100,8 +102,14 @@ def test_evaluation_writes_every_report_and_metrics_match_sklearn(
         else:
             assert "pixel_auroc" not in run and "pixel_aupro" not in run
         per_seed[run["seed"]] = run["image_auroc"]
-        heatmaps = list((cat_dir / "heatmaps" / f"k{run['k']}_seed{run['seed']}").glob("*.png"))
+        heatmaps = sorted((cat_dir / "heatmaps" / f"k{run['k']}_seed{run['seed']}").glob("*.png"))
         assert len(heatmaps) == 2  # the config's limit
+        # A small limit shows both classes: the top-scoring anomalous image, then the top normal one.
+        by_score = sorted(zip(s, y, [Path(r["path"]).stem for r in rows], strict=True), reverse=True)
+        top_anomalous = next(stem for _, label, stem in by_score if label == 1)
+        top_normal = next(stem for _, label, stem in by_score if label == 0)
+        assert heatmaps[0].name.startswith("000_") and heatmaps[0].name.endswith(f"_{top_anomalous}.png")
+        assert heatmaps[1].name == f"001_good_{top_normal}.png"
     (summary,) = metrics["summary"]
     vals = list(per_seed.values())
     assert summary["image_auroc_mean"] == pytest.approx(np.mean(vals), abs=1e-12)
@@ -143,11 +151,11 @@ def _mini_category(root: Path, n_ref: int = 2, normals: int = 2, anomalous: int 
     return cat
 
 
-def test_single_class_category_reports_nan_with_a_warning(tmp_path, scorer):
+def test_single_class_category_reports_nan_with_a_warning(tmp_path, detector):
     _mini_category(tmp_path / "data", normals=3, anomalous=0)
     info = RunInfo("m", "training-free", "tiny", "random", real_result=False, notice="test")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
-    report = evaluate_dataset(scorer, tmp_path / "data", "mini", info, tmp_path / "out", settings, {})
+    report = evaluate_dataset(detector, tmp_path / "data", "mini", info, tmp_path / "out", settings, {})
     rep = report.categories["glass"]
     run = json.loads((rep.dir / "metrics.json").read_text())
     assert run["runs"][0]["image_auroc"] is None  # NaN is written as JSON null
@@ -157,7 +165,7 @@ def test_single_class_category_reports_nan_with_a_warning(tmp_path, scorer):
 
 
 def test_unreadable_images_are_reported_and_a_fully_broken_category_does_not_stop_the_dataset(
-    tmp_path, scorer
+    tmp_path, detector
 ):
     data = tmp_path / "data"
     cat = _mini_category(data, normals=2, anomalous=2)
@@ -168,7 +176,7 @@ def test_unreadable_images_are_reported_and_a_fully_broken_category_does_not_sto
     (broken / "test" / "good" / "x.png").write_bytes(b"")
     info = RunInfo("m", "training-free", "tiny", "random")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
-    report = evaluate_dataset(scorer, data, "mini", info, tmp_path / "out", settings, {})
+    report = evaluate_dataset(detector, data, "mini", info, tmp_path / "out", settings, {})
     assert "broken" in report.problems and "failed to load" in report.problems["broken"]
     rep = report.categories["glass"]
     assert "broken.png" in (rep.dir / "failed_images.txt").read_text()
@@ -177,12 +185,12 @@ def test_unreadable_images_are_reported_and_a_fully_broken_category_does_not_sto
     assert "broken" in summary["problems"]
 
 
-def test_second_evaluation_gets_a_new_version_and_latest_moves(tmp_path, scorer):
+def test_second_evaluation_gets_a_new_version_and_latest_moves(tmp_path, detector):
     _mini_category(tmp_path / "data", normals=1, anomalous=1)
     info = RunInfo("m", "training-free", "tiny", "random")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
     for _ in range(2):
-        evaluate_dataset(scorer, tmp_path / "data", "mini", info, tmp_path / "out", settings, {})
+        evaluate_dataset(detector, tmp_path / "data", "mini", info, tmp_path / "out", settings, {})
     cat = tmp_path / "out" / "m" / "mini" / "glass"
     assert sorted(p.name for p in cat.iterdir()) == ["latest", "v1", "v2"]
     assert (cat / "latest").resolve().name == "v2"
@@ -198,7 +206,7 @@ def test_threshold_from_normal_only_validation_is_a_quantile_not_the_minimum():
         choose_threshold([0.5, 0.6], [1, 1])
 
 
-def test_predict_on_numpy_arrays_and_folders(tmp_path, scorer):
+def test_predict_on_numpy_arrays_and_folders(tmp_path, detector):
     glass = DATA / "glass" / "glass"
     refs = [np.asarray(Image.open(p)) for p in sorted((glass / "train" / "good").iterdir())[:2]]
     frames = [
@@ -210,7 +218,7 @@ def test_predict_on_numpy_arrays_and_folders(tmp_path, scorer):
     for p in sorted((glass / "test" / "good").iterdir())[:4]:
         shutil.copy(p, val / p.name)
     out = predict(
-        scorer,
+        detector,
         refs,
         frames,
         "glass",
@@ -228,7 +236,7 @@ def test_predict_on_numpy_arrays_and_folders(tmp_path, scorer):
     )
     assert len(list((tmp_path / "pred" / "heatmaps").glob("*.png"))) == 1
     # The saved reference set gives the same scores.
-    again = predict(scorer, str(tmp_path / "pred" / "references.npy"), frames, "glass", threshold=0.5)
+    again = predict(detector, str(tmp_path / "pred" / "reference_set"), frames, "glass", threshold=0.5)
     np.testing.assert_allclose([r["score"] for r in again], [r["score"] for r in out], rtol=0, atol=1e-6)
     assert not math.isnan(out[0]["s_a"])
 

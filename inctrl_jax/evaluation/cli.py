@@ -1,4 +1,4 @@
-"""What ``evaluate.py`` runs: build the scorer from a config, then evaluate or predict."""
+"""What ``evaluate.py`` runs: build the detector from a config, then evaluate or predict."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from inctrl_jax.clip.model import CLIPConfig
 from inctrl_jax.evaluation.report import RunInfo, sha256_file
-from inctrl_jax.evaluation.runner import EvalSettings, evaluate_dataset
-from inctrl_jax.evaluation.scorer import FewShotScorer, load_checkpoint, tiny_clip_config
+from inctrl_jax.evaluation.runner import DataSpec, EvalSettings, evaluate_dataset
+from inctrl_jax.evaluation.scorer import TRAINING_FREE, score_mode, tiny_clip_config
+from inctrl_jax.model import checkpoint as ckpt
+from inctrl_jax.model.detector import Detector
 
 log = logging.getLogger("inctrl_jax.evaluation")
 
@@ -43,7 +46,7 @@ def ints(value: Any, flag: str) -> list[int]:
 
 @dataclasses.dataclass
 class Built:
-    scorer: FewShotScorer
+    detector: Detector
     info: RunInfo
 
 
@@ -58,51 +61,76 @@ def _weights_hint(backbone: str, tag: str) -> str:
     )
 
 
-def build_scorer(cfg) -> Built:
-    """The scorer and the label of what it is (trained / training-free, real / pipeline check)."""
+def tiny_config_from(cfg) -> CLIPConfig:
+    """The architecture of ``--config.tiny`` (sizes of 0 take their defaults)."""
+    t = cfg.tiny
+    return tiny_clip_config(
+        t.image_size, t.patch_size, t.width, t.layers, t.heads, t.mlp_dim, t.embed_dim,
+        t.text_width, t.text_layers, t.text_heads, t.text_mlp_dim,
+    )  # fmt: skip
+
+
+def _info(detector: Detector, **kwargs: Any) -> RunInfo:
+    return RunInfo(mode=score_mode(detector), backbone_id=detector.backbone_id, **kwargs)
+
+
+def build_detector(cfg) -> Built:
+    """The detector and the label of what it is (trained / training-free, real / pipeline check).
+
+    ``--config.checkpoint``: a model directory saved by ``Detector.save`` / training, or an official
+    InCTRL ``checkpoint.pyth`` (or a safetensors copy) whose backbone architecture is
+    ``--config.backbone`` (``tiny``: the one of ``--config.tiny``). Otherwise the plain backbone,
+    scored training-free.
+    """
     from inctrl_jax.clip.model import init_params
 
-    taps_override = ints(cfg.tap_layers, "tap_layers") if cfg.tap_layers else None
+    taps_override = tuple(ints(cfg.tap_layers, "tap_layers")) if cfg.tap_layers else None
+    kwargs = {"batch_size": cfg.batch_size}
     if cfg.checkpoint:
-        weights = load_checkpoint(cfg.checkpoint)
-        taps = taps_override or list(weights.tap_layers)
-        mode = "trained" if weights.head_variables is not None else "training-free"
-        info = RunInfo(
-            model=f"inctrl-{Path(cfg.checkpoint).stem}",
-            mode=mode,
-            backbone=cfg.backbone,
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; check --config.checkpoint")
+        if path.is_dir():
+            weights = ckpt.load_model(path)
+            if taps_override:
+                weights = dataclasses.replace(weights, tap_layers=taps_override)
+            detector = Detector(weights, **kwargs)
+        else:
+            arch = tiny_config_from(cfg) if cfg.backbone == "tiny" else _registry_config(cfg.backbone)
+            detector = Detector.from_checkpoint(
+                path, config=arch, tap_layers=taps_override or ckpt.DEFAULT_TAP_LAYERS, **kwargs
+            )
+        info = _info(
+            detector,
+            model=f"inctrl-{path.stem}",
+            backbone=cfg.backbone if path.is_file() else detector.backbone_id.split("@")[0],
             weights=f"checkpoint {cfg.checkpoint}",
-            checkpoint=str(Path(cfg.checkpoint).resolve()),
-            checkpoint_sha256=sha256_file(cfg.checkpoint)
-            if Path(cfg.checkpoint).is_file()
-            else _dir_hash(cfg.checkpoint),
+            checkpoint=str(path.resolve()),
+            checkpoint_sha256=sha256_file(path) if path.is_file() else _dir_hash(path),
         )
-        log.info("loaded checkpoint %s (%s score)", cfg.checkpoint, mode)
-        return Built(
-            FewShotScorer(weights.config, weights.clip_params, weights.head_variables, taps, cfg.batch_size),
-            info,
-        )
+        log.info("loaded checkpoint %s (%s score, backbone %s)", path, info.mode, detector.backbone_id)
+        if not detector.has_heads:
+            log.warning("the checkpoint has no trained heads: the score is TRAINING-FREE")
+        return Built(detector, info)
 
     if cfg.backbone == "tiny":
-        t = cfg.tiny
-        config = tiny_clip_config(t.image_size, t.patch_size, t.width, t.layers)
-        taps = taps_override or list(range(max(1, t.layers - 2), t.layers + 1))
+        config = tiny_config_from(cfg)
+        layers = config.vision.layers
+        taps = taps_override or tuple(range(max(1, layers - 2), layers + 1))
+        weights = ckpt.InCTRLWeights(config, init_params(config, cfg.tiny.seed), None, taps)
+        detector = Detector(weights, **kwargs)
         notice = "tiny randomly initialised backbone (pipeline check)"
         log.warning("NOT A REAL RESULT: %s", notice)
-        info = RunInfo(
-            "inctrl-tiny-random",
-            "training-free",
-            "tiny",
-            f"random seed {t.seed}",
-            real_result=False,
-            notice=notice,
-        )
-        return Built(FewShotScorer(config, init_params(config, t.seed), None, taps, cfg.batch_size), info)
+        info = _info(
+            detector, model="inctrl-tiny-random", backbone="tiny", weights=f"random seed {cfg.tiny.seed}",
+            real_result=False, notice=notice,
+        )  # fmt: skip
+        return Built(detector, info)
 
     from inctrl_jax.clip.registry import get_backbone
 
     backbone = get_backbone(cfg.backbone)
-    taps = taps_override or list(backbone.tap_layers)
+    taps = taps_override or tuple(backbone.tap_layers)
     source = cfg.weights or cfg.backbone
     if not Path(source).expanduser().exists() and not hub_reachable():
         # Say it first, then use only the local cache (instead of minutes of retries).
@@ -112,12 +140,14 @@ def build_scorer(cfg) -> Built:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         log.info("loading %s weights from %s", cfg.backbone, source)
-        config, params = load_clip_weights(source, cfg.backbone, cfg.tag or None)
-        info = RunInfo(
-            f"inctrl-{cfg.backbone}-training-free",
-            "training-free",
-            cfg.backbone,
-            cfg.weights or f"hub {backbone.weights[cfg.tag or backbone.default_tag][0]}",
+        detector = Detector.from_backbone(
+            source, None, backbone=cfg.backbone, tag=cfg.tag or None, tap_layers=taps, **kwargs
+        )
+        info = _info(
+            detector,
+            model=f"inctrl-{cfg.backbone}-training-free",
+            backbone=cfg.backbone,
+            weights=cfg.weights or f"hub {backbone.weights[cfg.tag or backbone.default_tag][0]}",
             checkpoint=str(Path(cfg.weights).resolve()) if cfg.weights else None,
             checkpoint_sha256=sha256_file(cfg.weights)
             if cfg.weights and Path(cfg.weights).is_file()
@@ -133,18 +163,25 @@ def build_scorer(cfg) -> Built:
         details = f"{type(err).__name__}: {err}. To get real results, {hint}"
         for line in ("=" * 100, "NOT A REAL RESULT: " + notice, details, "=" * 100):
             log.warning("%s", line)
-        config = backbone.config
-        params = init_params(config, 0)
-        info = RunInfo(
-            f"inctrl-{cfg.backbone}-RANDOM-WEIGHTS",
-            "training-free",
-            cfg.backbone,
-            "random (weights unavailable)",
-            real_result=False,
-            notice=notice,
-            details=details,
-        )
-    return Built(FewShotScorer(config, params, None, taps, cfg.batch_size), info)
+        weights = ckpt.InCTRLWeights(backbone.config, init_params(backbone.config, 0), None, taps)
+        detector = Detector(weights, **kwargs)
+        info = _info(
+            detector, model=f"inctrl-{cfg.backbone}-RANDOM-WEIGHTS", backbone=cfg.backbone,
+            weights="random (weights unavailable)", real_result=False, notice=notice, details=details,
+        )  # fmt: skip
+    return Built(detector, info)
+
+
+def _registry_config(name: str) -> CLIPConfig:
+    from inctrl_jax.clip.registry import get_backbone
+
+    try:
+        return get_backbone(name).config
+    except KeyError as err:
+        raise ValueError(
+            f"--config.backbone={name!r} is neither a registered backbone nor 'tiny'; it names the "
+            f"architecture of the official checkpoint ({err.args[0]})"
+        ) from None
 
 
 def hub_endpoint() -> str:
@@ -168,13 +205,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_clip_weights(source: str, backbone: str, tag: str | None):
-    from inctrl_jax.clip.loading import load_clip
-
-    return load_clip(source, backbone=backbone, tag=tag)
-
-
-def _dir_hash(directory: str) -> str:
+def _dir_hash(directory: str | os.PathLike) -> str:
     """sha256 over the sorted (name, sha256) of a checkpoint directory's files."""
     import hashlib
 
@@ -185,13 +216,36 @@ def _dir_hash(directory: str) -> str:
     return h.hexdigest()
 
 
-def run_evaluation(cfg) -> list[Any]:
-    """Evaluate ``cfg.dataset_root``; returns the dataset reports (one)."""
-    if not cfg.dataset_root:
+def _list(value: Any) -> list[str]:
+    """``"a,b"`` / ``("a", "b")`` -> ``["a", "b"]``."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def data_spec_from(cfg) -> DataSpec:
+    """The dataset of ``--config.layout`` and its arguments (see ``configs/eval_default.py``)."""
+    layout = cfg.layout
+    spec = DataSpec(layout=layout, root=cfg.dataset_root, on_error=cfg.on_error)
+    if layout == "visa":
+        spec.split_csv = cfg.visa.split_csv
+    elif layout == "folder":
+        f = cfg.folder
+        spec = dataclasses.replace(
+            spec, normal_dir=f.normal_dir, abnormal_dir=f.abnormal_dir, mask_dir=f.mask_dir,
+            normal_test_dir=f.normal_test_dir, category=f.category, test_split_ratio=f.test_split_ratio,
+            split_seed=f.split_seed,
+        )  # fmt: skip
+    elif layout == "json":
+        spec.train_json, spec.test_json = _list(cfg.json.train), _list(cfg.json.test)
+    elif layout == "mvtec" and not cfg.dataset_root:
         raise ValueError("set --config.dataset_root to a dataset folder in the MVTec layout")
-    built = build_scorer(cfg)
-    if built.info.mode == "training-free":
-        log.info("score: TRAINING-FREE (patch residual + text prior, no trained heads)")
+    return spec
+
+
+def run_evaluation(cfg) -> list[Any]:
+    """Evaluate the dataset of ``cfg`` (any supported layout); returns the dataset reports (one)."""
+    spec = data_spec_from(cfg)
     settings = EvalSettings(
         k_shots=ints(cfg.k_shots, "k_shots"),
         seeds=ints(cfg.seeds, "seeds"),
@@ -200,19 +254,27 @@ def run_evaluation(cfg) -> list[Any]:
         heatmap_limit=cfg.heatmap_limit,
         fpr_limit=cfg.fpr_limit,
         progress=cfg.progress,
+        on_error=cfg.on_error,
     )
-    dataset = cfg.dataset or Path(cfg.dataset_root).resolve().name
-    cats = [c for c in cfg.categories.split(",") if c] if cfg.categories else []
+    built = build_detector(cfg)
+    if built.info.mode == TRAINING_FREE:
+        log.info("score: TRAINING-FREE (patch residual + text prior, no trained heads)")
+    else:
+        log.info("score: InCTRL with trained heads, (h + s_p) / 2")
+    dataset = cfg.dataset or spec.name
     log.info(
-        "evaluating %s (%s) K=%s seeds=%s -> %s",
-        dataset,
-        cfg.dataset_root,
-        settings.k_shots,
-        settings.seeds,
-        cfg.results_dir,
-    )
+        "evaluating %s (%s layout) K=%s seeds=%s -> %s",
+        dataset, spec.layout, settings.k_shots, settings.seeds, cfg.results_dir,
+    )  # fmt: skip
     report = evaluate_dataset(
-        built.scorer, cfg.dataset_root, dataset, built.info, cfg.results_dir, settings, cfg.to_dict(), cats
+        built.detector,
+        spec,
+        dataset,
+        built.info,
+        cfg.results_dir,
+        settings,
+        cfg.to_dict(),
+        _list(cfg.categories),
     )
     md = report.write()
     print(md)
@@ -231,9 +293,9 @@ def run_predict(cfg) -> list[dict]:
     missing = [k for k in ("references", "inputs", "category") if not p[k]]
     if missing:
         raise ValueError("set " + ", ".join(f"--config.predict.{k}" for k in missing))
-    built = build_scorer(cfg)
+    built = build_detector(cfg)
     results = predict(
-        built.scorer,
+        built.detector,
         p.references,
         p.inputs,
         p.category,

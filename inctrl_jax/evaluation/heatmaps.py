@@ -6,6 +6,7 @@ Drawn with matplotlib's non-interactive Agg backend, so it works on headless mac
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,27 @@ class HeatmapWriter:
         path = save_panel(self.directory / f"{name}.png", image, anomaly_map, score, **kwargs)
         self.written.append(path)
         return path
+
+
+def select_panels(labels: Sequence[int], scores: Sequence[float], limit: int) -> list[int]:
+    """Which images get a panel: anomalous and normal images alternately, each by descending score.
+
+    So a small limit shows both classes: the most confident detections next to the normal images
+    that look most anomalous (the likely false alarms). A class that runs out leaves the remaining
+    places to the other. ``limit`` < 0 selects every image; ties keep file order.
+
+    Returns:
+        Indices into ``labels``/``scores`` in panel order.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    by_class = []
+    for label in (1, 0):
+        idx = np.flatnonzero(y == label)
+        key = np.where(np.isnan(s[idx]), -np.inf, s[idx])
+        by_class.append(idx[np.argsort(-key, kind="stable")].tolist())
+    order: list[int] = []
+    anomalous, normal = by_class
+    for i in range(max(len(anomalous), len(normal))):
+        order += anomalous[i : i + 1] + normal[i : i + 1]
+    return order if limit < 0 else order[:limit]

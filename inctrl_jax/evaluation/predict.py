@@ -2,16 +2,20 @@
 
 API::
 
+    from inctrl_jax.model.detector import Detector
     from inctrl_jax.evaluation.predict import predict
-    results = predict(scorer, references="refs/", inputs="new/*.png", category="transistor",
+    detector = Detector.from_checkpoint("checkpoints/8/checkpoint.pyth")
+    results = predict(detector, references="refs/", inputs="new/*.png", category="transistor",
                       validation="val/", output_dir="out/")
     results[0]["score"], results[0]["anomalous"]
 
-``references`` and ``inputs`` may be folders, globs, file lists, or in-memory numpy images
-(``[H, W]`` / ``[H, W, 3]``, uint8 or float in [0, 1], e.g. camera frames). The decision threshold
-is the user's, or chosen on a validation folder: with normal and anomalous images (``good/`` plus
-defect sub-folders) it is the F1-max threshold; with normal images only it is a stated quantile of
-their scores (default 0.99), never their minimum.
+``references`` may be folders, globs, file lists, in-memory numpy images (``[H, W]`` / ``[H, W, 3]``,
+uint8 or float in [0, 1], e.g. camera frames), or a reference set saved by an earlier prediction
+(``<output_dir>/reference_set``, see :class:`inctrl_jax.model.reference.ReferenceSet`); ``inputs``
+the same except saved sets. The decision threshold is the user's, or chosen on a validation
+folder: with normal and anomalous images (``good/`` plus defect sub-folders) it is the F1-max
+threshold; with normal images only it is a stated quantile of their scores (default 0.99), never
+their minimum.
 """
 
 from __future__ import annotations
@@ -26,13 +30,19 @@ from typing import Any
 
 import numpy as np
 
+from inctrl_jax.data.layouts import IMAGE_EXTENSIONS
 from inctrl_jax.evaluation import metrics as M
 from inctrl_jax.evaluation.heatmaps import HeatmapWriter
-from inctrl_jax.evaluation.runner import IMAGE_SUFFIXES, map_at_original
+from inctrl_jax.evaluation.scorer import score_mode
 
 log = logging.getLogger("inctrl_jax.evaluation")
 
 ImageLike = str | os.PathLike | np.ndarray
+REFERENCE_SET_DIR = "reference_set"
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def expand_inputs(spec: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
@@ -44,7 +54,7 @@ def expand_inputs(spec: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     text = os.fspath(spec)  # type: ignore[arg-type]
     path = Path(text).expanduser()
     if path.is_dir():
-        found: list[ImageLike] = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        found: list[ImageLike] = [p for p in sorted(path.rglob("*")) if _is_image(p)]
     elif path.is_file():
         found = [path]
     else:
@@ -54,11 +64,11 @@ def expand_inputs(spec: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return found
 
 
-def _prepare(item: ImageLike, image_size: int):
-    """(name, pixels, geometry, display image) of a path or an in-memory image."""
+def _open(item: ImageLike):
+    """(name or None, PIL image) of a path or an in-memory image."""
     from PIL import Image
 
-    from inctrl_jax.data.preprocess import open_image, preprocess_with_geometry, to_8bit
+    from inctrl_jax.data.preprocess import open_image
 
     if isinstance(item, np.ndarray):
         arr = item
@@ -66,55 +76,75 @@ def _prepare(item: ImageLike, image_size: int):
             arr = (np.clip(np.asarray(arr, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
-        image = Image.fromarray(arr)
-        name = None
-    else:
-        image = open_image(item)
-        name = os.fspath(item)
-    pixels, geom = preprocess_with_geometry(image, image_size)
-    shown = to_8bit(image)
-    display = np.asarray(shown.convert("RGB") if shown.mode != "RGB" else shown)
-    return name, pixels, geom, display
+        return None, Image.fromarray(arr)
+    return os.fspath(item), open_image(item)
 
 
-def load_references(
-    references: ImageLike | Sequence[ImageLike], image_size: int
-) -> tuple[np.ndarray, list[str]]:
-    """Preprocessed reference pixels ``[K, S, S, 3]`` and their names.
+def _display(image) -> np.ndarray:
+    from PIL import ImageOps
 
-    A ``.npy`` file is taken as an already preprocessed reference set (as saved by :func:`predict`).
+    from inctrl_jax.data.preprocess import to_8bit
+
+    shown = to_8bit(ImageOps.exif_transpose(image))
+    return np.asarray(shown.convert("RGB") if shown.mode != "RGB" else shown)
+
+
+def is_saved_reference_set(path: ImageLike | Sequence[ImageLike]) -> bool:
+    """True for a directory written by :meth:`ReferenceSet.save` (or a folder holding one)."""
+    from inctrl_jax.model.reference import META_FILE
+
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    p = Path(path).expanduser()
+    return (p / META_FILE).is_file() or (p / REFERENCE_SET_DIR / META_FILE).is_file()
+
+
+def reference_set_for(detector, references: ImageLike | Sequence[ImageLike], category: str):
+    """The detector's reference set from images (paths, folders, globs, arrays) or a saved set.
+
+    A saved set must come from the same backbone; the detector refuses it otherwise.
     """
-    if isinstance(references, (str, os.PathLike)) and os.fspath(references).endswith(".npy"):
-        pixels = np.load(os.fspath(references))
-        if pixels.ndim != 4 or pixels.shape[1:] != (image_size, image_size, 3):
-            raise ValueError(
-                f"{references}: a saved reference set must be [K, {image_size}, {image_size}, 3]; got {pixels.shape}"
-            )
-        return pixels.astype(np.float32), [f"{references}[{i}]" for i in range(len(pixels))]
+    from inctrl_jax.model.reference import META_FILE, ReferenceSet
+
+    if is_saved_reference_set(references):
+        p = Path(references).expanduser()  # type: ignore[arg-type]
+        ref_set = ReferenceSet.load(p if (p / META_FILE).is_file() else p / REFERENCE_SET_DIR)
+        if ref_set.category != category:
+            log.warning("saved reference set is of category %r, scoring as %r", ref_set.category, category)
+            ref_set.category = category
+            ref_set.text_prototypes = detector.text_prototypes(category)
+        return ref_set
     items = expand_inputs(references)
-    prepared = [_prepare(x, image_size) for x in items]
-    names = [n if n is not None else f"array[{i}]" for i, (n, *_) in enumerate(prepared)]
-    return np.stack([p[1] for p in prepared]), names
+    opened = [_open(x) for x in items]
+    ref_set = detector.build_reference_set([im for _, im in opened], category)
+    ref_set.reference_files = [n if n is not None else f"array[{i}]" for i, (n, _) in enumerate(opened)]
+    return ref_set
 
 
-def score_images(scorer, inputs: Sequence[ImageLike], keep_maps: bool = True) -> list[dict[str, Any]]:
-    """Score images against the scorer's current reference set, in batches."""
+def score_images(
+    detector, reference_set, inputs: Sequence[ImageLike], keep_maps: bool = True
+) -> list[dict[str, Any]]:
+    """Score images against a reference set, one batch of the detector's size at a time.
+
+    ``anomaly_map`` is at each input's own resolution (NaN on the border the centre crop removed).
+    """
     out: list[dict[str, Any]] = []
-    bs = scorer.batch_size
+    bs = detector.batch_size
     for start in range(0, len(inputs), bs):
-        prepared = [_prepare(x, scorer.image_size) for x in inputs[start : start + bs]]
-        res = scorer.score(np.stack([p[1] for p in prepared]))
-        for j, (name, _, geom, display) in enumerate(prepared):
+        opened = [_open(x) for x in inputs[start : start + bs]]
+        results = detector.score([im for _, im in opened], reference_set)
+        for j, ((name, image), res) in enumerate(zip(opened, results, strict=True)):
             rec: dict[str, Any] = {
                 "image": name if name is not None else f"array[{start + j}]",
-                "score": float(res["score"][j]),
-                "s_p": float(res["s_p"][j]),
-                "s_i": None if np.isnan(res["s_i"][j]) else float(res["s_i"][j]),
-                "s_a": float(res["s_a"][j]),
+                "score": res.score,
+                "s_p": res.s_p,
+                "s_i": None if np.isnan(res.s_i) else res.s_i,
+                "s_a": res.s_a,
+                "mode": score_mode(detector),
             }
             if keep_maps:
-                rec["anomaly_map"] = map_at_original(res["residual_map"][j], geom)
-                rec["_display"] = display
+                rec["anomaly_map"] = res.anomaly_map
+                rec["_display"] = _display(image)
             out.append(rec)
     return out
 
@@ -153,19 +183,19 @@ def _validation_set(folder: str | os.PathLike) -> tuple[list[Path], list[int]]:
         root = root / "test"
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir()]
     if not subdirs:
-        imgs = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        imgs = [p for p in sorted(root.iterdir()) if _is_image(p)]
         return imgs, [0] * len(imgs)
     paths, labels = [], []
     for d in subdirs:
         for p in sorted(d.rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
+            if _is_image(p):
                 paths.append(p)
                 labels.append(int(d.name != "good"))
     return paths, labels
 
 
 def predict(
-    scorer,
+    detector,
     references: ImageLike | Sequence[ImageLike],
     inputs: ImageLike | Sequence[ImageLike],
     category: str,
@@ -180,34 +210,36 @@ def predict(
     """Score ``inputs`` against ``references`` and decide anomalous/normal.
 
     Args:
-        scorer: a :class:`~inctrl_jax.evaluation.scorer.FewShotScorer`.
-        references: normal reference images (folder, glob, files, arrays) or a saved ``.npy`` set.
+        detector: a :class:`~inctrl_jax.model.detector.Detector` (trained heads or training-free).
+        references: normal reference images (folder, glob, files, arrays) or a saved reference set.
         inputs: images to score (folder, glob, file, arrays).
         category: object name for the text prior (e.g. ``"transistor"``).
         threshold: decision threshold; if ``None`` it is chosen on ``validation``.
         validation: labelled validation folder (see :func:`choose_threshold`).
         quantile: quantile used when the validation folder holds only normal images.
-        output_dir: if given, writes ``predictions.jsonl``, ``threshold.json``,
-            ``references.npy`` + ``references.json`` and heat maps there.
+        output_dir: if given, writes ``predictions.jsonl``, ``threshold.json``, the reference set
+            (``reference_set/``, reusable as ``references``) and heat maps there.
         heatmap_limit: at most this many heat-map panels (-1: all).
         note: a line written on every heat map (e.g. that the weights are random).
 
     Returns:
-        One dict per input: ``image``, ``score``, ``s_p``, ``s_i``, ``s_a``, ``threshold``,
+        One dict per input: ``image``, ``score``, ``s_p``, ``s_i``, ``s_a``, ``mode``, ``threshold``,
         ``anomalous`` (None without a threshold) and ``anomaly_map`` (at the input's resolution).
     """
-    ref_pixels, ref_names = load_references(references, scorer.image_size)
-    scorer.set_references(ref_pixels, category)
-    log.info("reference set: %d images of %r (%s)", len(ref_names), category, scorer.mode)
+    reference_set = reference_set_for(detector, references, category)
+    mode = score_mode(detector)
+    log.info("reference set: %d images of %r (%s score)", reference_set.k, category, mode)
 
     how = "given by the user" if threshold is not None else "none (no threshold and no validation folder)"
     if threshold is None and validation is not None:
         val_paths, val_labels = _validation_set(validation)
-        val_scores = [r["score"] for r in score_images(scorer, list(val_paths), keep_maps=False)]
+        val_scores = [
+            r["score"] for r in score_images(detector, reference_set, list(val_paths), keep_maps=False)
+        ]
         threshold, how = choose_threshold(val_scores, val_labels, quantile)
         log.info("threshold %.6f: %s", threshold, how)
 
-    results = score_images(scorer, expand_inputs(inputs))
+    results = score_images(detector, reference_set, expand_inputs(inputs))
     for r in results:
         r["threshold"] = threshold
         r["anomalous"] = None if threshold is None else bool(r["score"] >= threshold)
@@ -216,12 +248,9 @@ def predict(
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "references.npy", ref_pixels)
-        (out / "references.json").write_text(
-            json.dumps({"category": category, "references": ref_names}, indent=2)
-        )
+        reference_set.save(out / REFERENCE_SET_DIR)
         (out / "threshold.json").write_text(
-            json.dumps({"threshold": threshold, "how": how, "note": note}, indent=2)
+            json.dumps({"threshold": threshold, "how": how, "mode": mode, "note": note}, indent=2)
         )
         with open(out / "predictions.jsonl", "w") as f:
             for r in results:

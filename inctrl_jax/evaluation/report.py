@@ -157,6 +157,8 @@ class RunResult:
     references: list[str]
     seconds: float = math.nan
     warnings: list[str] = dataclasses.field(default_factory=list)
+    reference_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """How the references were chosen (``source``) and the backbone id their features came from."""
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -212,6 +214,8 @@ class RunInfo:
     weights: str
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
+    backbone_id: str = ""
+    """The detector's backbone fingerprint (architecture + weight hash), also stored in reference sets."""
     real_result: bool = True
     notice: str = ""
     """Short reason shown on every output when ``real_result`` is False."""
@@ -277,7 +281,7 @@ class CategoryReport:
         return summarise_over_seeds(self.runs)
 
     def _write_summary(self) -> None:
-        refs = [{"k": r.k, "seed": r.seed, "references": r.references} for r in self.runs]
+        refs = [{"k": r.k, "seed": r.seed, "references": r.references, **r.reference_info} for r in self.runs]
         write_json(self.dir / "references.json", refs)
         run_rows = [
             {
@@ -338,12 +342,18 @@ class DatasetReport:
         self.dir = new_version_dir(Path(root) / _safe_name(info.model) / _safe_name(dataset) / DATASET_DIR)
         self.categories: dict[str, CategoryReport] = {}
         self.problems: dict[str, str] = {}
+        self.failed: list[tuple[str, str]] = []
         write_json(self.dir / "meta.json", {**info.meta(), "dataset": dataset})
         write_json(self.dir / "config.json", config)
 
     def add_category(self, report: CategoryReport) -> None:
         self.categories[report.category] = report
         self.write()
+
+    def add_failed(self, path: str, reason: str) -> None:
+        """A file left out while reading the dataset that belongs to no evaluated category."""
+        self.failed.append((path, reason))
+        (self.dir / "failed_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in self.failed))
 
     def add_problem(self, category: str, problem: str) -> None:
         self.problems[category] = problem
@@ -394,6 +404,7 @@ class DatasetReport:
                 "dataset_mean": per_k,
                 "category_folders": {c: str(r.dir) for c, r in self.categories.items()},
                 "problems": self.problems,
+                "failed_images": len(self.failed),
             },
         )
         write_csv(

@@ -1,102 +1,226 @@
-"""Few-shot evaluation of a dataset in the MVTec layout: categories x K x reference seeds.
+"""Few-shot evaluation of a dataset in any supported layout: categories x K x reference seeds.
 
-For each category: the test images are preprocessed once; for each K and seed, K normal references
-are drawn from ``train/good`` with that seed, encoded once, and every test image is scored against
-them. Image metrics come from the image scores; pixel metrics from the anomaly maps projected back
-onto each image's original resolution, where ground-truth masks exist. Results go to versioned
-folders (:mod:`inctrl_jax.evaluation.report`) as each run finishes.
+The images come from the data layer (:mod:`inctrl_jax.data`: MVTec-like trees, VisA with its split
+file, anomalib-style folders, official InCTRL JSON lists) and the scores from the model's
+:class:`~inctrl_jax.model.detector.Detector`. For each category the test images are preprocessed
+once; for each K and seed, K normal references are drawn from the training split with that seed
+(:func:`inctrl_jax.data.select_references`), the detector's reference set is built once, and every
+test image is scored against it. Image metrics come from the image scores; pixel metrics from the
+residual maps projected back onto each image's original resolution, where ground-truth masks
+exist. Results go to versioned folders (:mod:`inctrl_jax.evaluation.report`) as each run finishes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from inctrl_jax.data import DataError, Dataset, Sample, Skipped, select_references
 from inctrl_jax.evaluation import metrics as M
-from inctrl_jax.evaluation.heatmaps import HeatmapWriter
+from inctrl_jax.evaluation.heatmaps import HeatmapWriter, select_panels
 from inctrl_jax.evaluation.report import CategoryReport, DatasetReport, ImageScore, RunInfo, RunResult
 
 log = logging.getLogger("inctrl_jax.evaluation")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
+LAYOUTS = ("mvtec", "visa", "folder", "json")
 
 
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """One test image: path, label (0 normal, 1 anomalous), defect folder, mask path if any."""
+@dataclasses.dataclass
+class DataSpec:
+    """Where a dataset is and in which layout (the arguments of the data layer's readers).
 
-    path: str
-    label: int
-    defect: str
-    mask_path: str | None = None
-
-
-def _images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def find_categories(dataset_root: str | os.PathLike) -> list[str]:
-    """Sub-folders of ``dataset_root`` that hold ``test/`` (or ``""`` if the root is a category)."""
-    root = Path(dataset_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} does not exist; check --config.dataset_root")
-    if (root / "test").is_dir():
-        return [""]
-    cats = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
-    if not cats:
-        raise FileNotFoundError(
-            f"{root} holds no category in the MVTec layout (<category>/test/good, <category>/test/<defect>, "
-            "<category>/train/good); point --config.dataset_root at such a folder"
-        )
-    return cats
-
-
-def scan_category(category_root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
-    """``(train/good reference candidates, test samples)`` of one MVTec-layout category.
-
-    ``test/good`` is normal, any other ``test/<defect>`` folder anomalous; the mask of
-    ``test/<defect>/<stem>.*`` is ``ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>.png``) when present.
+    Attributes:
+        layout: ``mvtec`` (also the InCTRL conversions of ELPV, SDD, AITEX, BrainMRI, HeadCT),
+            ``visa``, ``folder`` or ``json``.
+        root: dataset root (``mvtec``: folder of categories or one category; ``visa``: VisA root;
+            ``json``: folder that relative ``image_path`` values are relative to, optional).
+        split_csv: ``visa`` split file (default ``<root>/split_csv/1cls.csv``).
+        normal_dir, abnormal_dir, mask_dir, normal_test_dir, category, test_split_ratio, split_seed:
+            ``folder`` layout (see :func:`inctrl_jax.data.scan_folder`).
+        train_json, test_json: ``json`` layout: InCTRL JSON lists of the reference pool (training
+            split) and of the test images.
+        on_error: ``"skip"`` (leave unreadable files out; they are listed in the report) or ``"raise"``.
     """
-    root = Path(category_root)
-    refs = _images(root / "train" / "good")
-    samples: list[Sample] = []
-    test = root / "test"
-    for defect_dir in sorted(p for p in test.iterdir() if p.is_dir()) if test.is_dir() else []:
-        defect = defect_dir.name
-        for img in _images(defect_dir):
-            mask = None
-            if defect != "good":
-                for cand in (f"{img.stem}_mask.png", f"{img.stem}.png"):
-                    if (root / "ground_truth" / defect / cand).is_file():
-                        mask = str(root / "ground_truth" / defect / cand)
-                        break
-            samples.append(Sample(str(img), int(defect != "good"), defect, mask))
-    return refs, samples
+
+    layout: str = "mvtec"
+    root: str = ""
+    split_csv: str = ""
+    normal_dir: str = ""
+    abnormal_dir: str = ""
+    mask_dir: str = ""
+    normal_test_dir: str = ""
+    category: str = ""
+    test_split_ratio: float = 0.25
+    split_seed: int = 42
+    train_json: Sequence[str] = ()
+    test_json: Sequence[str] = ()
+    on_error: str = "skip"
+
+    @property
+    def name(self) -> str:
+        """A default dataset name for the results path."""
+        if self.layout == "folder":
+            return self.category or Path(self.normal_dir).resolve().parent.name
+        if self.layout == "json" and not self.root:
+            return Path(self.test_json[0]).stem if self.test_json else "json"
+        return Path(self.root).resolve().name
 
 
-def select_references(candidates: Sequence[Path], k: int, seed: int) -> list[Path]:
-    """K references drawn without replacement by ``numpy.random.default_rng(seed)``, in file order."""
-    if k > len(candidates):
-        raise ValueError(
-            f"K={k} references requested but only {len(candidates)} normal training images exist"
+@dataclasses.dataclass
+class ScannedData:
+    """A dataset read for evaluation: its samples, categories that could not be read, skipped files."""
+
+    dataset: Dataset
+    categories: list[str]
+    problems: dict[str, str] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, list[Skipped]] = dataclasses.field(default_factory=dict)
+    """Per category; key ``""`` for files that belong to no known category."""
+
+
+def _logged_scan(fn: Callable[[], Dataset]) -> tuple[Dataset | None, list[str], DataError | None]:
+    """Run a data-layer reader, logging its skip warnings; returns (dataset, warnings, error)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds, err = fn(), None
+        except DataError as e:
+            ds, err = None, e
+    messages = [str(w.message) for w in caught]
+    for m in messages:
+        log.warning("%s", m)
+    return ds, messages, err
+
+
+def _attribute(skipped: Sequence[Skipped], categories: Sequence[str]) -> dict[str, list[Skipped]]:
+    """Skipped files per category (a path component equal to the category name), ``""`` otherwise."""
+    out: dict[str, list[Skipped]] = {}
+    for s in skipped:
+        parts = Path(s.path).parts
+        owner = categories[0] if len(categories) == 1 else next((c for c in categories if c in parts), "")
+        out.setdefault(owner, []).append(s)
+    return out
+
+
+def _mvtec_categories(root: Path) -> list[str] | None:
+    """Category folders of an MVTec-like root, or None when ``root`` is itself a category."""
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return None
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir())
+    )
+
+
+def scan_dataset(spec: DataSpec, categories: Sequence[str] = ()) -> ScannedData:
+    """Read ``spec`` with the data layer; every category of an MVTec-like tree is read on its own,
+    so one unreadable category is reported without losing the others.
+
+    Raises:
+        ValueError: unknown layout, missing settings, or requested categories that do not exist.
+        DataError: the dataset as a whole cannot be read (missing root, no images at all).
+    """
+    from inctrl_jax.data import read_inctrl_json, scan_folder, scan_mvtec, scan_visa
+
+    if spec.layout not in LAYOUTS:
+        raise ValueError(f"--config.layout={spec.layout!r} is not supported; use one of {', '.join(LAYOUTS)}")
+    on_error: Any = spec.on_error
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"--config.on_error={spec.on_error!r} is not supported; use 'raise' or 'skip'")
+    wanted = list(categories)
+
+    if spec.layout == "mvtec":
+        if not spec.root:
+            raise ValueError("set --config.dataset_root to a dataset folder in the MVTec layout")
+        root = Path(spec.root)
+        if not root.is_dir():
+            raise DataError(f"{root}: dataset root does not exist; check --config.dataset_root")
+        found = _mvtec_categories(root)
+        whole_root = found is None  # the root is one category
+        if found is None:
+            found = [root.name]
+
+        def read_category(category: str) -> Dataset:
+            return scan_mvtec(root, None if whole_root else [category], on_error=on_error)
+
+        if not found:
+            raise DataError(
+                f"{root} holds no category in the MVTec layout (<category>/test/good, <category>/test/<defect>, "
+                "<category>/train/good); point --config.dataset_root at such a folder"
+            )
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise ValueError(f"categories {missing} not found under {root}; available: {found}")
+        out = ScannedData(Dataset([]), wanted or found)
+        for cat in out.categories:
+            ds, messages, err = _logged_scan(functools.partial(read_category, cat))
+            if err is not None or ds is None:
+                if messages:
+                    out.problems[cat] = (
+                        f"all of its images failed to load or were left out ({'; '.join(messages)}): {err}"
+                    )
+                else:
+                    out.problems[cat] = f"{type(err).__name__}: {err}"
+                continue
+            out.dataset = out.dataset + ds
+            if ds.skipped:
+                out.skipped[cat] = list(ds.skipped)
+        return out
+
+    if spec.layout == "visa":
+        if not spec.root:
+            raise ValueError("set --config.dataset_root to the VisA root (with split_csv/1cls.csv)")
+        read = lambda: scan_visa(  # noqa: E731
+            spec.root, wanted or None, split_csv=spec.split_csv or None, on_error=on_error
         )
-    idx = np.random.default_rng(seed).choice(len(candidates), size=k, replace=False)
-    return [candidates[i] for i in sorted(idx.tolist())]
+    elif spec.layout == "folder":
+        if not spec.normal_dir:
+            raise ValueError(
+                "set --config.folder.normal_dir (and abnormal_dir, mask_dir, ...) for layout=folder"
+            )
+        read = lambda: scan_folder(  # noqa: E731
+            spec.normal_dir,
+            spec.abnormal_dir or None,
+            mask_dir=spec.mask_dir or None,
+            normal_test_dir=spec.normal_test_dir or None,
+            category=spec.category or None,
+            test_split_ratio=spec.test_split_ratio,
+            seed=spec.split_seed,
+            on_error=on_error,
+        )
+    else:
+        if not spec.test_json or not spec.train_json:
+            raise ValueError(
+                "set --config.json.test (the test list) and --config.json.train (the list the normal "
+                "references are drawn from) for layout=json"
+            )
+        json_root = spec.root or None
+        read = lambda: (  # noqa: E731
+            read_inctrl_json(list(spec.train_json), root=json_root, split="train", on_error=on_error)
+            + read_inctrl_json(list(spec.test_json), root=json_root, split="test", on_error=on_error)
+        )
+    ds, _, err = _logged_scan(read)
+    if err is not None or ds is None:
+        raise err or DataError("the dataset could not be read")
+    found = ds.categories
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise ValueError(f"categories {missing} not found in the {spec.layout} dataset; available: {found}")
+    chosen = wanted or found
+    dataset = Dataset([s for s in ds if s.category in chosen], list(ds.skipped))
+    return ScannedData(dataset, chosen, {}, _attribute(ds.skipped, chosen))
 
 
 def subsample(samples: Sequence[Sample], max_per_class: int, seed: int = 0) -> list[Sample]:
-    """At most ``max_per_class`` normal and as many anomalous samples (seeded, file order kept)."""
+    """At most ``max_per_class`` normal and as many anomalous samples (seeded, sorted by path)."""
     if max_per_class <= 0:
         return list(samples)
     rng = np.random.default_rng(seed)
@@ -120,13 +244,17 @@ class LoadedImage:
 
 
 def load_sample(sample: Sample, image_size: int, keep_original: bool) -> LoadedImage:
+    """Decode one test image with the data layer's reference preprocessing, plus its mask at the
+    original resolution (pixel metrics are computed there)."""
     from inctrl_jax.data.preprocess import binarise_mask, open_image, preprocess_with_geometry
 
     image = open_image(sample.path)
     pixels, geom = preprocess_with_geometry(image, image_size)
     mask = None
     if sample.mask_path:
-        mask_img = open_image(sample.mask_path)
+        from PIL import ImageOps
+
+        mask_img = ImageOps.exif_transpose(open_image(sample.mask_path))
         if mask_img.size != (geom.orig_w, geom.orig_h):
             raise ValueError(
                 f"{sample.mask_path} is {mask_img.width}x{mask_img.height} but its image is "
@@ -146,7 +274,7 @@ def load_sample(sample: Sample, image_size: int, keep_original: bool) -> LoadedI
 
 def map_at_original(residual_map: np.ndarray, geometry: Any) -> np.ndarray:
     """The patch-grid residual map projected onto the original image; unseen border -> map minimum."""
-    from inctrl_jax.data.preprocess import project_to_original
+    from inctrl_jax.data import project_to_original
 
     amap, seen = project_to_original(residual_map, geometry)
     if not seen.all():
@@ -171,35 +299,64 @@ class EvalSettings:
     heatmap_limit: int = 20
     fpr_limit: float = M.DEFAULT_FPR_LIMIT
     progress: bool = True
+    on_error: str = "skip"
+    """Test images that fail to decode: ``"skip"`` (listed in failed_images.txt) or ``"raise"``."""
 
 
-def evaluate_category(
-    scorer,
-    category_root: str | os.PathLike,
-    category: str,
-    report: CategoryReport,
-    settings: EvalSettings,
-) -> CategoryReport:
-    """Evaluate one category for every K and seed; results are written into ``report``."""
-    refs, samples = scan_category(category_root)
-    samples = subsample(samples, settings.max_test_per_class, settings.subsample_seed)
-    n_norm = sum(s.label == 0 for s in samples)
-    log.info(
-        "%s: %d test images (%d normal, %d anomalous, %d with masks), %d reference candidates",
-        category, len(samples), n_norm, len(samples) - n_norm, sum(s.mask_path is not None for s in samples), len(refs),
-    )  # fmt: skip
-    if not samples:
-        report.add_note(f"no test images found under {Path(category_root) / 'test'}")
-        return report
-
+def _load_test_images(
+    samples: Sequence[Sample], image_size: int, report: CategoryReport, settings: EvalSettings
+) -> list[LoadedImage]:
     keep_original = settings.heatmap_limit != 0
     loaded: list[LoadedImage] = []
     for s in samples:
         try:
-            loaded.append(load_sample(s, scorer.image_size, keep_original))
+            loaded.append(load_sample(s, image_size, keep_original))
         except (OSError, ValueError) as err:
+            if settings.on_error == "raise":
+                raise
             report.add_failed(s.path, str(err))
             log.warning("skipping %s: %s", s.path, err)
+    return loaded
+
+
+def evaluate_category(
+    detector,
+    dataset: Dataset,
+    category: str,
+    report: CategoryReport,
+    settings: EvalSettings,
+    skipped: Sequence[Skipped] = (),
+) -> CategoryReport:
+    """Evaluate one category of ``dataset`` for every K and seed; results are written into ``report``.
+
+    Args:
+        detector: a :class:`~inctrl_jax.model.detector.Detector` (with or without trained heads).
+        dataset: samples from the data layer; test images are the ``test`` split of ``category``,
+            references are drawn from its ``train`` split.
+        category: the category (also the object word of the text prior).
+        report: where the results go.
+        settings: K, seeds, subsampling, heat maps.
+        skipped: files of this category the reader left out (listed in failed_images.txt).
+    """
+    for left_out in skipped:
+        report.add_failed(left_out.path, left_out.reason)
+    samples = [s for s in dataset.samples if s.category == category and s.split == "test"]
+    samples = subsample(samples, settings.max_test_per_class, settings.subsample_seed)
+    n_norm = sum(s.label == 0 for s in samples)
+    n_pool = sum(s.category == category and s.split == "train" and s.label == 0 for s in dataset.samples)
+    log.info(
+        "%s: %d test images (%d normal, %d anomalous, %d with masks), %d reference candidates",
+        category, len(samples), n_norm, len(samples) - n_norm, sum(s.mask_path is not None for s in samples), n_pool,
+    )  # fmt: skip
+    if skipped:
+        report.add_note(
+            f"{len(skipped)} files were left out while reading the dataset; see failed_images.txt"
+        )
+    if not samples:
+        report.add_note(f"no test images of {category!r} in the dataset")
+        return report
+
+    loaded = _load_test_images(samples, detector.image_size, report, settings)
     if not loaded:
         report.add_note(f"all {len(samples)} test images failed to load; see failed_images.txt")
         raise RuntimeError(
@@ -210,65 +367,50 @@ def evaluate_category(
 
     labels = np.array([x.sample.label for x in loaded])
     has_masks = any(x.mask is not None for x in loaded)
+    grid = detector.config.vision.grid_size
     for k in settings.k_shots:
         for seed in settings.seeds:
-            if k > len(refs):
-                note = f"K={k} skipped: only {len(refs)} normal images in train/good"
+            try:
+                chosen = select_references(dataset, category, k, seed)
+            except DataError as err:
+                note = f"K={k} skipped: {err}"
                 if note not in report.notes:
                     report.add_note(note)
                     log.warning("%s: %s", category, note)
                 continue
-            chosen = select_references(refs, k, seed)
-            ref_pixels = []
-            for p in chosen:
-                ref_pixels.append(load_sample(Sample(str(p), 0, "good"), scorer.image_size, False).pixels)
             t0 = time.perf_counter()
-            scorer.set_references(np.stack(ref_pixels), category)
+            reference_set = detector.build_reference_set(list(chosen.paths), category)
 
             scores: list[ImageScore] = []
             maps: list[np.ndarray] = []
-            heat = HeatmapWriter(
-                report.dir / "heatmaps" / f"k{k}_seed{seed}", settings.heatmap_limit, note=report.info.label
-            )
-            bs = scorer.batch_size
+            bs = detector.batch_size
             batches = range(0, len(loaded), bs)
             bar = _progress(batches, len(batches), f"{category} K={k} seed={seed}", settings.progress)
             for start in bar:
                 chunk = loaded[start : start + bs]
-                out = scorer.score(np.stack([x.pixels for x in chunk]))
+                out = detector.predict(np.stack([x.pixels for x in chunk]), reference_set)
                 for j, x in enumerate(chunk):
-                    amap = map_at_original(out["residual_map"][j], x.geometry)
-                    maps.append(amap)
+                    maps.append(
+                        map_at_original(np.asarray(out.residual_map[j]).reshape(grid, grid), x.geometry)
+                    )
                     s = x.sample
                     scores.append(
                         ImageScore(
                             s.path,
                             s.label,
-                            float(out["score"][j]),
-                            s.defect,
+                            float(out.score[j]),
+                            s.defect_type,
                             s.mask_path,
-                            float(out["s_p"][j]),
-                            _float_or_none(out["s_i"][j]),
-                            float(out["s_a"][j]),
+                            float(out.s_p[j]),
+                            _float_or_none(out.s_i[j]),
+                            float(out.s_a[j]),
                         )  # fmt: skip
                     )
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(img_s=f"{len(scores) / (time.perf_counter() - t0):.2f}")
             seconds = time.perf_counter() - t0
 
-            # Heat maps share one colour range per run so that panels can be compared.
-            lo = float(min(m.min() for m in maps))
-            hi = float(max(m.max() for m in maps))
-            for x, sc, amap in zip(loaded, scores, maps, strict=True):
-                if heat.full:
-                    break
-                if x.original is not None:
-                    heat.add(
-                        f"{x.sample.defect}_{Path(x.sample.path).stem}", x.original, amap, sc.score,
-                        mask=x.mask if has_masks else None, label=x.sample.label,
-                        title=f"{category}/{x.sample.defect}/{Path(x.sample.path).name}  K={k} seed={seed}",
-                        value_range=(lo, hi),
-                    )  # fmt: skip
+            _write_heatmaps(report, loaded, scores, maps, has_masks, category, k, seed, settings)
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", M.UndefinedMetricWarning)
@@ -290,7 +432,8 @@ def evaluate_category(
                 log.warning("%s: %s", category, w)
             run = RunResult(
                 k, seed, values, len(loaded), int((labels == 0).sum()), int((labels == 1).sum()),
-                [str(p) for p in chosen], seconds, run_warnings,
+                list(chosen.paths), seconds, run_warnings,
+                reference_info={"source": chosen.source, "backbone": reference_set.backbone},
             )  # fmt: skip
             report.add_run(run, scores)
             log.info(
@@ -300,14 +443,47 @@ def evaluate_category(
     return report
 
 
+def _write_heatmaps(
+    report: CategoryReport,
+    loaded: Sequence[LoadedImage],
+    scores: Sequence[ImageScore],
+    maps: Sequence[np.ndarray],
+    has_masks: bool,
+    category: str,
+    k: int,
+    seed: int,
+    settings: EvalSettings,
+) -> None:
+    """Panels of the highest-scoring anomalous and normal images, alternating, up to the limit."""
+    if settings.heatmap_limit == 0:
+        return
+    heat = HeatmapWriter(
+        report.dir / "heatmaps" / f"k{k}_seed{seed}", settings.heatmap_limit, note=report.info.label
+    )
+    # One colour range per run so that panels can be compared.
+    lo = float(min(m.min() for m in maps))
+    hi = float(max(m.max() for m in maps))
+    order = select_panels([x.sample.label for x in loaded], [s.score for s in scores], settings.heatmap_limit)
+    for rank, i in enumerate(order):
+        x, sc = loaded[i], scores[i]
+        if x.original is None:
+            continue
+        name = Path(x.sample.path).name
+        heat.add(
+            f"{rank:03d}_{x.sample.defect_type}_{Path(x.sample.path).stem}", x.original, maps[i], sc.score,
+            mask=x.mask if has_masks else None, label=x.sample.label,
+            title=f"{category}/{x.sample.defect_type}/{name}  K={k} seed={seed}", value_range=(lo, hi),
+        )  # fmt: skip
+
+
 def _float_or_none(x) -> float | None:
     v = float(x)
     return None if math.isnan(v) else v
 
 
 def evaluate_dataset(
-    scorer,
-    dataset_root: str | os.PathLike,
+    detector,
+    data: DataSpec | ScannedData | str | os.PathLike,
     dataset: str,
     info: RunInfo,
     results_root: str | os.PathLike,
@@ -315,23 +491,39 @@ def evaluate_dataset(
     config: Any = None,
     categories: Sequence[str] = (),
 ) -> DatasetReport:
-    """Evaluate every category (or the given ones) of a dataset; a failing category is reported
-    in the dataset summary and the next one is evaluated."""
-    found = find_categories(dataset_root)
-    chosen = list(categories) or found
-    missing = [c for c in chosen if c not in found]
-    if missing:
-        raise ValueError(f"categories {missing} not found under {dataset_root}; available: {found}")
+    """Evaluate every category (or the given ones) of a dataset.
+
+    Args:
+        detector: a :class:`~inctrl_jax.model.detector.Detector`.
+        data: a :class:`DataSpec`, an already read :class:`ScannedData`, or an MVTec-like root folder.
+        dataset: dataset name in the results path.
+        info: what identifies the detector (written to every report).
+        results_root: results folder.
+        settings: K, seeds, heat maps, ...
+        config: the full config, saved with the results.
+        categories: a subset of categories (default: all).
+
+    A category that cannot be read or evaluated is reported in the dataset summary and the next one
+    is evaluated.
+    """
+    if isinstance(data, str | os.PathLike):
+        data = DataSpec("mvtec", root=os.fspath(data), on_error=settings.on_error)
+    scanned = data if isinstance(data, ScannedData) else scan_dataset(data, categories)
     ds_report = DatasetReport(results_root, info, dataset, config)
-    for cat in chosen:
-        name = cat or Path(dataset_root).name
-        rep = CategoryReport(results_root, info, dataset, name, config)
+    for path_reason in scanned.skipped.get("", []):
+        ds_report.add_failed(path_reason.path, path_reason.reason)
+    for cat in scanned.categories:
+        if cat in scanned.problems:
+            log.error("%s cannot be evaluated: %s", cat, scanned.problems[cat])
+            ds_report.add_problem(cat, scanned.problems[cat])
+            continue
+        rep = CategoryReport(results_root, info, dataset, cat, config)
         try:
-            evaluate_category(scorer, Path(dataset_root) / cat, name, rep, settings)
+            evaluate_category(detector, scanned.dataset, cat, rep, settings, scanned.skipped.get(cat, ()))
         except Exception as err:  # keep going: one broken category must not lose the others
-            log.error("%s failed: %s", name, err)
-            ds_report.add_problem(name, f"{type(err).__name__}: {err}")
+            log.error("%s failed: %s", cat, err)
+            ds_report.add_problem(cat, f"{type(err).__name__}: {err}")
             continue
         ds_report.add_category(rep)
-        log.info("%s: results in %s", name, rep.dir)
+        log.info("%s: results in %s", cat, rep.dir)
     return ds_report
