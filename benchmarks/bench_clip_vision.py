@@ -215,9 +215,9 @@ def write_results(rows: list[dict], a, t0: float, done: list[str]) -> list[str]:
         f"x {a.rounds} rounds, each framework in its own process. Versions: jax {jax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}. {meta['note']}; "
         f"load average (1/5/15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
-        f"on {os.cpu_count()} CPUs. Under oversubscription torch's OpenMP pool degrades more than XLA's, "
-        "so ratios from a busy machine overstate JAX; on an idle 2-core machine the stack notes measured "
-        "JAX at 0.8-0.9x torch for ViT-B/16.",
+        f"on {os.cpu_count()} CPUs. With more runnable threads than cores the ratio is probably not what an "
+        "idle machine gives (unverified guess: torch's OpenMP barriers suffer more from oversubscription); "
+        "the stack notes measured JAX at 0.8-0.9x torch for ViT-B/16 on an idle 2-core machine.",
         "",
         "| backbone | framework | variant | img/s (best) | img/s (median) | vs torch (median) |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -366,3 +366,13 @@ def test_vision_only_transformers_dir(tmp_path):
     )
     diff = float(np.abs(np.asarray(out.embeds) - ref).max())
     assert diff <= TOL, f"vision-only image embeds differ from torch by {diff:.2e} > {TOL}"
+
+
+def test_bfloat16_safetensors_are_upcast(tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    w = torch.randn(4, 3).to(torch.bfloat16)
+    save_torch({"visual.proj": w}, str(tmp_path / "bf16.safetensors"))
+    sd = read_state_dict(tmp_path / "bf16.safetensors")
+    assert sd["visual.proj"].dtype == np.float32
+    np.testing.assert_array_equal(sd["visual.proj"], w.float().numpy())

@@ -9,6 +9,7 @@ from inctrl_jax.clip.loading import (
     load_inctrl_checkpoint,
     read_state_dict,
     split_inctrl_checkpoint,
+    stored_config,
 )
 from inctrl_jax.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, VisionOutput, init_params
 from inctrl_jax.clip.registry import BACKBONES, Backbone, get_backbone
@@ -35,5 +36,6 @@ __all__ = [
     "load_inctrl_checkpoint",
     "read_state_dict",
     "split_inctrl_checkpoint",
+    "stored_config",
     "tokenize",
 ]

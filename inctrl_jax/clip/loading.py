@@ -106,7 +106,11 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
-        return dict(load_file(str(path)))
+        # bfloat16 tensors load because JAX's ml_dtypes registers the type with numpy; upcast them.
+        return {
+            k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v
+            for k, v in load_file(str(path)).items()
+        }
     except Exception as e:  # SafetensorError, OSError, ...
         raise CheckpointError(
             f"cannot read {path} as safetensors ({type(e).__name__}: {e}). The file is truncated or not "
@@ -522,8 +526,9 @@ def _read_sharded(index: Path) -> list[Path]:
     return [index.parent / f for f in files]
 
 
-def _config_from_metadata(path: Path) -> CLIPConfig | None:
-    """The architecture stored by ``inctrl-convert`` in a safetensors header, if any."""
+def stored_config(path: str | os.PathLike) -> CLIPConfig | None:
+    """The architecture that ``inctrl-convert`` stored in a safetensors header, or ``None``."""
+    path = Path(path)
     if path.suffix != ".safetensors":
         return None
     try:
@@ -606,7 +611,7 @@ def _locate(source: str | os.PathLike, tag: str | None) -> _Located:
     if path.is_dir():
         return _locate_dir(path)
     if path.exists():
-        cfg = _config_from_metadata(path)
+        cfg = stored_config(path)
         if cfg is None and path.name in _HF_FILES and (path.parent / "config.json").exists():
             cfg = config_from_transformers(path.parent / "config.json")
         return [path], cfg, str(path)
@@ -684,6 +689,6 @@ def load_inctrl_checkpoint(
             f"{path} has no InCTRL head keys ({', '.join(INCTRL_HEAD_PREFIXES)}); it is not an InCTRL "
             "checkpoint. Use load_clip() for a plain CLIP checkpoint."
         )
-    config = _resolve_backbone(backbone) or _config_from_metadata(path)
+    config = _resolve_backbone(backbone) or stored_config(path)
     config, params = _convert(backbone_sd, config, tuple(towers), str(path))
     return config, params, heads
