@@ -1,6 +1,8 @@
 """Few-shot evaluation and prediction with InCTRL.
 
     python evaluate.py --config configs/eval_default.py --config.dataset_root=/data/mvtec_ad
+    python evaluate.py --config configs/eval_default.py --config.layout=visa --config.dataset_root=/data/visa \
+        --config.checkpoint=checkpoints/8/checkpoint.pyth
     python evaluate.py predict --config configs/eval_default.py --config.predict.references=refs/ \
         --config.predict.inputs='new/*.png' --config.predict.category=transistor
 

@@ -88,7 +88,7 @@ def test_official_checkpoint_with_heads_evaluates_like_the_official_code(tmp_pat
     score = np.array([float(rows[k]["score"]) for k in keys])
     s_i = np.array([float(rows[k]["s_i"]) for k in keys])
     s_a = np.array([float(rows[k]["s_a"]) for k in keys])
-    tol = 1e-4  # float32 end to end from the PNG files (README: ~1e-5 expected)
+    tol = 1e-5  # float32 end to end from the PNG files (README: ~1e-5; observed 5e-7)
     assert np.max(np.abs(score - gold["score"])) <= tol
     assert np.max(np.abs(s_i - gold["s_i"])) <= tol
     assert np.max(np.abs(s_a - gold["s_a"])) <= tol

@@ -5,7 +5,8 @@ Layout (``model`` names the scorer, e.g. ``inctrl-ViT-B-16-plus-240-training-fre
     results/<model>/<dataset>/<category>/v<N>/       one evaluation of one category
         meta.json          package version, backbone id, checkpoint path + sha256, mode, notice
         config.json        the full evaluation config
-        references.json    per (K, seed): the exact reference file list and the seed
+        references.json    per (K, seed): the exact reference file list, the seed, how they were
+                           chosen and the backbone id of their features
         scores_k<K>_seed<S>.csv / .jsonl     per-image scores of that run
         metrics.json / metrics.csv            every run, and mean +- std over seeds per K
         metrics.md                            the same as a Markdown table
