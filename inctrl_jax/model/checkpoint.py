@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_TAP_LAYERS = (7, 9, 11)
+ASSUMED_HEAD_WIDTH = 64
+"""Attention head width assumed when a checkpoint's architecture is inferred from tensor shapes
+(the head count is not visible in the weights); true for every registered backbone."""
 
 # Official head module name -> our head name.
 _HEAD_NAMES = {"diff_head_ref": "image_head", "diff_head": "holistic_head"}
@@ -265,13 +269,15 @@ def from_official_state_dict(
 
     Args:
       state_dict: official key names (``module.`` prefixes are removed).
-      config: the backbone architecture; inferred from the tensor shapes when ``None`` (head width
-        64 assumed, true for ViT-B-16-plus-240; pass it for other head counts).
+      config: the backbone architecture; inferred from the tensor shapes when ``None``. The number
+        of attention heads is not visible in the weights: a registered backbone (ViT-B-16-plus-240)
+        is recognised exactly; any other shape assumes head width 64 and warns (or raises when a
+        tower's width is not a multiple of 64). Pass ``config`` for such checkpoints.
       tap_layers: 1-based blocks whose patch tokens are compared.
       source: file name for error messages.
 
     Raises:
-      CheckpointMismatchError: the heads are missing or do not fit.
+      CheckpointMismatchError: the heads are missing or do not fit, or ``config`` is needed.
       ConversionError: the backbone keys do not fit ``config``.
     """
     sd = {_strip_module(k): np.asarray(v) for k, v in state_dict.items()}
@@ -283,14 +289,45 @@ def from_official_state_dict(
             "Use Detector.from_backbone() for a plain CLIP checkpoint."
         )
     if config is None:
-        from inctrl_jax.clip.loading import infer_config
-
-        config = infer_config(backbone_sd, "open_clip")
+        config = _infer_official_config(backbone_sd, source)
     clip_params = convert_state_dict(backbone_sd, config, layout="open_clip", source=source)
     heads, ignored = heads_from_state_dict(
         head_sd, embed_dim=config.vision.embed_dim, num_patches=config.vision.num_patches, source=source
     )
     return InCTRLWeights(config, clip_params, heads, tuple(tap_layers), ignored)
+
+
+def _infer_official_config(backbone_sd: Mapping[str, np.ndarray], source: str) -> CLIPConfig:
+    """The backbone config from tensor shapes, loud about the head-width assumption off the registry."""
+    from inctrl_jax.clip.loading import infer_config
+    from inctrl_jax.clip.registry import BACKBONES
+
+    config = infer_config(backbone_sd, "open_clip")
+    if any(b.config == config for b in BACKBONES.values()):
+        return config
+    v, t = config.vision, config.text
+    hint = (
+        "Pass the architecture explicitly: Detector.from_checkpoint(path, config=CLIPConfig("
+        "VisionConfig(..., heads=...), TextConfig(..., heads=...))) or load_official_checkpoint(path, config=...)."
+    )
+    odd = [
+        f"{name} width {w}" for name, w in (("vision", v.width), ("text", t.width)) if w % ASSUMED_HEAD_WIDTH
+    ]
+    if odd:
+        raise CheckpointMismatchError(
+            f"{source}: the backbone is not a registered architecture and its number of attention heads "
+            f"cannot be read from the weights; the usual assumption of head width {ASSUMED_HEAD_WIDTH} "
+            f"cannot hold ({', '.join(odd)} is not a multiple of {ASSUMED_HEAD_WIDTH}). {hint}"
+        )
+    warnings.warn(
+        f"{source}: the backbone is not a registered architecture; its number of attention heads cannot "
+        f"be read from the weights, so head width {ASSUMED_HEAD_WIDTH} is assumed (vision: {v.width} wide -> "
+        f"{v.heads} heads, text: {t.width} wide -> {t.heads} heads). If the model was trained with other "
+        f"head counts its scores are silently wrong. {hint}",
+        UserWarning,
+        stacklevel=3,
+    )
+    return config
 
 
 def load_official_checkpoint(

@@ -7,20 +7,25 @@ Example::
     refs.save("refs/transistor")                                       # reuse later: ReferenceSet.load
     results = det.score(["test/bent_lead/000.png"], refs)
     results[0].score, results[0].anomaly_map
+    for r in det.iter_scores("huge_folder/", refs, return_maps=False):   # streams, flat memory
+        print(r.source, r.score)
 
 Scoring is batched and jit-compiled: one backbone forward per batch of queries, the last batch
 padded to a fixed size so nothing recompiles; the reference set and its text prototypes are built
-once and never recomputed per query.
+once and never recomputed per query. Query images are decoded and preprocessed one batch at a
+time, so memory does not grow with the number of images; only the per-image results are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +62,8 @@ class ScoreResult:
       s_a: text prior, probability of the abnormal text prototype.
       residual_map: M on the patch grid, ``[g, g]`` (NaN when zero-shot).
       anomaly_map: M bilinearly upsampled to the input image: the original file's size for paths
-        and PIL images (NaN on the border the centre crop removed), ``[S, S]`` for arrays.
+        and PIL images (NaN on the border the centre crop removed), ``[S, S]`` for arrays;
+        ``None`` when scored with ``return_maps=False``.
       mode: ``"inctrl"`` (trained heads: (h + s_p) / 2), ``"training_free"`` (no heads:
         (s_p + s_a) / 2) or ``"zero_shot"`` (no references: s_a).
       source: the file path, or ``"array[i]"``.
@@ -68,7 +74,7 @@ class ScoreResult:
     s_i: float
     s_a: float
     residual_map: np.ndarray
-    anomaly_map: np.ndarray
+    anomaly_map: np.ndarray | None
     mode: str
     source: str
 
@@ -96,6 +102,22 @@ def _fallback_preprocess(image: Any, image_size: int) -> np.ndarray:
     return ((np.asarray(image, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
 
 
+def _check_finite(pixels: np.ndarray, sources: Sequence[str]) -> None:
+    bad = ~np.isfinite(pixels).all(axis=(1, 2, 3))
+    if bad.any():
+        names = [sources[i] for i in np.flatnonzero(bad)[:5]]
+        raise ValueError(f"NaN or Inf pixels in {', '.join(names)}; check the inputs")
+
+
+class _DeviceReferences(NamedTuple):
+    """A reference set's arrays on the device, made once per scoring call."""
+
+    zero_shot: bool
+    tokens: jax.Array | None
+    embeds: jax.Array | None
+    prototypes: jax.Array
+
+
 class Detector:
     """InCTRL anomaly detector: a frozen CLIP backbone plus (optionally) the trained heads.
 
@@ -106,8 +128,11 @@ class Detector:
       weights: backbone config and params, head variables (or ``None``), tap layers.
       backbone_id: name recorded in reference sets, so sets from another backbone are refused;
         default: :func:`backbone_fingerprint` (architecture name + a hash of the vision weights).
-      batch_size: queries per backbone forward (the last batch is padded to this size).
+      batch_size: queries per backbone forward (the last batch is padded to this size); also the
+        most query images held preprocessed at once while scoring.
       chunk: reference patches per step of the nearest-neighbour search (bounds memory).
+      decode_threads: threads that decode and preprocess the images of one batch in parallel
+        (1: in the calling thread). Decoding never runs ahead of the batch being scored.
     """
 
     def __init__(
@@ -117,13 +142,17 @@ class Detector:
         backbone_id: str | None = None,
         batch_size: int = 8,
         chunk: int | None = DEFAULT_CHUNK,
+        decode_threads: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self.weights = weights
         self.backbone_id = backbone_id or backbone_fingerprint(weights.config, weights.clip_params)
         self.batch_size = int(batch_size)
         self.chunk = chunk
+        self.decode_threads = int(decode_threads)
         self._model = CLIP(weights.config)
         self._clip_params = jax.tree.map(jnp.asarray, weights.clip_params)
         self._heads = (
@@ -173,7 +202,7 @@ class Detector:
             directory with ``config.json`` + ``model.safetensors``.
           config: backbone architecture for official files (inferred from shapes when ``None``).
           tap_layers: 1-based tapped blocks for official files (saved directories store theirs).
-          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``.
+          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``, ``decode_threads``.
         """
         p = Path(path).expanduser()
         if p.is_dir():
@@ -204,7 +233,7 @@ class Detector:
           backbone: architecture hint for sources without a config.
           tag: pretrained tag of a registry name.
           tap_layers: 1-based tapped blocks; default: the registry's, else (7, 9, 11).
-          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``.
+          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``, ``decode_threads``.
         """
         from inctrl_jax.clip.loading import load_clip
         from inctrl_jax.clip.registry import BACKBONES
@@ -241,10 +270,11 @@ class Detector:
     def load_images(
         self, images: ImageInput | Iterable[ImageInput]
     ) -> tuple[np.ndarray, list[str], list[Any]]:
-        """Preprocess images into ``[N, S, S, 3]``.
+        """Preprocess images into ``[N, S, S, 3]`` (all at once: meant for reference sets).
 
         Accepts a folder (its image files, sorted), a file path, a list of paths / PIL images /
-        preprocessed ``[S, S, 3]`` arrays, or one ``[N, S, S, 3]`` array.
+        preprocessed ``[S, S, 3]`` arrays, or one ``[N, S, S, 3]`` array. Query images are
+        better scored with :meth:`iter_scores` / :meth:`score`, which preprocess one batch at a time.
 
         Returns:
           ``(pixels, sources, geometries)``; a geometry is ``None`` for preprocessed arrays.
@@ -253,59 +283,112 @@ class Detector:
           ValueError: wrong array size, NaN/Inf pixels, a folder without images.
           FileNotFoundError: a path that does not exist.
         """
-        items = self._expand(images)
         pixels: list[np.ndarray] = []
         sources: list[str] = []
         geoms: list[Any] = []
-        s = self.image_size
-        for i, item in enumerate(items):
-            if isinstance(item, np.ndarray) or hasattr(item, "__jax_array__") or isinstance(item, jax.Array):
-                arr = np.asarray(item, np.float32)
-                if arr.shape != (s, s, 3):
-                    raise ValueError(
-                        f"image array {i} has shape {arr.shape}; expected a preprocessed [{s}, {s}, 3] (NHWC) "
-                        f"array, or pass the file path / PIL image and let the detector preprocess it"
-                    )
-                pixels.append(arr)
-                sources.append(f"array[{i}]")
-                geoms.append(None)
-                continue
-            if isinstance(item, str | os.PathLike):
-                p = Path(item).expanduser()
-                if not p.is_file():
-                    raise FileNotFoundError(f"image file {p} does not exist")
-                arr, geom = self._preprocess_file(p)
-                sources.append(str(p))
-            else:
-                arr, geom = self._preprocess_pil(item)
-                sources.append(f"image[{i}]")
+        for i, item in enumerate(self._expand(images)):
+            arr, src, geom = self._load_item(i, item)
             pixels.append(arr)
+            sources.append(src)
             geoms.append(geom)
+        s = self.image_size
         if not pixels:
             return np.zeros((0, s, s, 3), np.float32), [], []
         stacked = np.stack(pixels)
-        bad = ~np.isfinite(stacked).all(axis=(1, 2, 3))
-        if bad.any():
-            names = [sources[i] for i in np.flatnonzero(bad)[:5]]
-            raise ValueError(f"NaN or Inf pixels in {', '.join(names)}; check the inputs")
+        _check_finite(stacked, sources)
         return stacked, sources, geoms
+
+    def _load_item(self, i: int, item: Any) -> tuple[np.ndarray, str, Any]:
+        """One input (path, PIL image or preprocessed array) -> ``(pixels [S,S,3], source, geometry)``."""
+        s = self.image_size
+        if isinstance(item, np.ndarray) or hasattr(item, "__jax_array__") or isinstance(item, jax.Array):
+            arr = np.asarray(item, np.float32)
+            if arr.shape != (s, s, 3):
+                raise ValueError(
+                    f"image array {i} has shape {arr.shape}; expected a preprocessed [{s}, {s}, 3] (NHWC) "
+                    f"array, or pass the file path / PIL image and let the detector preprocess it"
+                )
+            return arr, f"array[{i}]", None
+        if isinstance(item, str | os.PathLike):
+            p = Path(item).expanduser()
+            if not p.is_file():
+                raise FileNotFoundError(f"image file {p} does not exist")
+            arr, geom = self._preprocess_file(p)
+            return arr, str(p), geom
+        arr, geom = self._preprocess_pil(item)
+        return arr, f"image[{i}]", geom
 
     @staticmethod
     def _expand(images: Any) -> list[Any]:
+        return list(Detector._iter_inputs(images))
+
+    @staticmethod
+    def _iter_inputs(images: Any) -> Iterator[Any]:
+        """The individual inputs, lazily for iterators and generators (nothing is decoded here).
+
+        Paths in a list are checked up front, so a missing file fails before any scoring.
+        """
         if isinstance(images, str | os.PathLike):
             p = Path(images).expanduser()
             if p.is_dir():
                 files = sorted(f for f in p.iterdir() if f.is_file() and _is_image_file(f))
                 if not files:
                     raise ValueError(f"folder {p} contains no image files ({', '.join(IMAGE_SUFFIXES)})")
-                return list(files)
-            return [p]
+                return iter(files)
+            return iter([p])
         if isinstance(images, np.ndarray | jax.Array):
             arr = np.asarray(images)
-            return list(arr) if arr.ndim == 4 else [arr]
+            return iter(arr) if arr.ndim == 4 else iter([arr])  # rows are views: nothing is copied
         if hasattr(images, "convert") and hasattr(images, "size"):  # a single PIL image
-            return [images]
-        return list(images)
+            return iter([images])
+        if isinstance(images, Sequence):
+            for item in images:
+                if isinstance(item, str | os.PathLike) and not Path(item).expanduser().is_file():
+                    raise FileNotFoundError(f"image file {Path(item).expanduser()} does not exist")
+        return iter(images)
+
+    def _pixel_batches(
+        self, images: ImageInput | Iterable[ImageInput]
+    ) -> Iterator[tuple[np.ndarray, list[str], list[Any]]]:
+        """Fixed-shape ``[batch_size, S, S, 3]`` batches, decoded one batch at a time.
+
+        Each batch is filled row by row in one buffer (padding rows repeat the last image), so at
+        most ``batch_size`` preprocessed images exist at once, plus the one being decoded per thread.
+
+        Yields:
+          ``(pixels, sources, geometries)``; ``len(sources)`` rows of ``pixels`` are real.
+        """
+        items = self._iter_inputs(images)
+        b, s = self.batch_size, self.image_size
+        pool = ThreadPoolExecutor(self.decode_threads) if self.decode_threads > 1 else None
+        offset = 0
+        try:
+            while True:
+                chunk = list(itertools.islice(items, b))
+                if not chunk:
+                    return
+                buffer = np.empty((b, s, s, 3), np.float32)
+
+                def fill(
+                    j: int, item: Any, buffer: np.ndarray = buffer, offset: int = offset
+                ) -> tuple[str, Any]:
+                    arr, src, geom = self._load_item(offset + j, item)
+                    buffer[j] = arr
+                    return src, geom
+
+                jobs = range(len(chunk))
+                filled = list(pool.map(fill, jobs, chunk) if pool is not None else map(fill, jobs, chunk))
+                del chunk
+                n = len(filled)
+                buffer[n:] = buffer[n - 1]  # pad to a fixed shape so jit never recompiles
+                sources = [src for src, _ in filled]
+                _check_finite(buffer[:n], sources)
+                yield buffer, sources, [geom for _, geom in filled]
+                del buffer, fill  # free this batch before the next one is decoded
+                offset += n
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def _preprocess_pil(self, image: Any) -> tuple[np.ndarray, Any]:
         try:
@@ -327,11 +410,17 @@ class Detector:
 
     # ---------------------------------------------------------------- features
 
-    def _batches(self, pixels: np.ndarray) -> Iterable[tuple[np.ndarray, int]]:
+    def _batches(self, pixels: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+        """Fixed-size float32 batches of an ``[N, S, S, 3]`` array (converted and checked per batch)."""
         b = self.batch_size
         for start in range(0, len(pixels), b):
-            chunk = pixels[start : start + b]
+            chunk = np.asarray(pixels[start : start + b], np.float32)
             n = len(chunk)
+            if not np.isfinite(chunk).all():
+                rows = start + np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2, 3)))
+                raise ValueError(
+                    f"NaN or Inf in the query pixels (rows {rows[:5].tolist()}); check the inputs"
+                )
             if n < b:  # pad to a fixed shape so jit never recompiles
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
             yield chunk, n
@@ -478,80 +567,115 @@ class Detector:
 
     # ---------------------------------------------------------------- scoring
 
+    def _score_batch(self, pixels: np.ndarray, n: int, refs: _DeviceReferences) -> ScoreOutputs:
+        """Scores of one padded ``[batch_size, S, S, 3]`` batch; the first ``n`` rows as numpy."""
+        if refs.zero_shot:
+            s_a = np.asarray(self._zero_shot(self._clip_params, jnp.asarray(pixels), refs.prototypes))[:n]
+            nan = np.full_like(s_a, np.nan)
+            p, n_l = self.config.vision.num_patches, len(self.weights.tap_layers)
+            nan_map = np.full((n, p), np.nan, np.float32)
+            nan_e = np.full((n, self.config.vision.embed_dim), np.nan, np.float32)
+            nan_layers = np.full((n, n_l, p), np.nan, np.float32)
+            return ScoreOutputs(s_a, nan, nan, s_a, nan_map, nan_layers, nan_map, nan, nan_e, nan_e, None)
+        out = self._score(
+            self._clip_params, self._heads, jnp.asarray(pixels), refs.tokens, refs.embeds, refs.prototypes
+        )
+        return ScoreOutputs(*(np.asarray(a)[:n] for a in out[:-1]), None)  # type: ignore[call-arg]
+
+    def _device_references(self, reference_set: ReferenceSet) -> _DeviceReferences:
+        self._check_reference_set(reference_set)
+        protos = jnp.asarray(reference_set.text_prototypes)
+        if reference_set.zero_shot:
+            return _DeviceReferences(True, None, None, protos)
+        return _DeviceReferences(
+            False, jnp.asarray(reference_set.patch_tokens), jnp.asarray(reference_set.class_embeds), protos
+        )
+
     def predict(self, pixels: np.ndarray, reference_set: ReferenceSet) -> ScoreOutputs:
         """Batched scores of preprocessed ``[N, S, S, 3]`` pixels as numpy arrays (no upsampled maps).
 
-        Zero-shot sets give ``score = s_a`` and NaN for everything else.
+        The pixels are read one batch at a time (converted to float32 and checked per batch), so no
+        copy of the whole input is made. Zero-shot sets give ``score = s_a`` and NaN for everything else.
         """
-        self._check_reference_set(reference_set)
-        pixels = np.asarray(pixels, np.float32)
+        refs = self._device_references(reference_set)
+        pixels = np.asarray(pixels)
         s = self.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
             raise ValueError(f"pixels must be [N, {s}, {s}, 3] (preprocessed, NHWC), got {pixels.shape}")
-        if not np.isfinite(pixels).all():
-            raise ValueError("NaN or Inf in the query pixels; check the inputs")
-        protos = jnp.asarray(reference_set.text_prototypes)
-        outs: list[Any] = []
-        if reference_set.zero_shot:
-            for chunk, n in self._batches(pixels):
-                outs.append(np.asarray(self._zero_shot(self._clip_params, jnp.asarray(chunk), protos))[:n])
-            s_a = np.concatenate(outs) if outs else np.zeros((0,), np.float32)
-            nan = np.full_like(s_a, np.nan)
-            p = self.config.vision.num_patches
-            nan_map = np.full((len(s_a), p), np.nan, np.float32)
-            n_l = len(self.weights.tap_layers)
-            nan_e = np.full((len(s_a), self.config.vision.embed_dim), np.nan, np.float32)
-            return ScoreOutputs(
-                s_a, nan, nan, s_a, nan_map, np.full((len(s_a), n_l, p), np.nan, np.float32), nan_map, nan,
-                nan_e, nan_e, None,
-            )  # fmt: skip
-        ref_tokens = jnp.asarray(reference_set.patch_tokens)
-        ref_embeds = jnp.asarray(reference_set.class_embeds)
-        for chunk, n in self._batches(pixels):
-            out = self._score(
-                self._clip_params, self._heads, jnp.asarray(chunk), ref_tokens, ref_embeds, protos
-            )
-            outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out[:-1]))
-        if not outs:
-            raise ValueError("no query images given")
-        fields = [np.concatenate(parts) for parts in zip(*outs, strict=True)]
-        return ScoreOutputs(*fields, None)  # type: ignore[call-arg]
-
-    def score(
-        self, images: ImageInput | Iterable[ImageInput], reference_set: ReferenceSet
-    ) -> list[ScoreResult]:
-        """Score query images against a reference set.
-
-        Args:
-          images: a folder, file paths, PIL images, preprocessed ``[S, S, 3]`` arrays or one
-            ``[N, S, S, 3]`` array.
-          reference_set: from :meth:`build_reference_set` (or :meth:`zero_shot_reference_set`).
-
-        Returns:
-          One :class:`ScoreResult` per image, in input order.
-        """
-        pixels, sources, geoms = self.load_images(images)
         if len(pixels) == 0:
             raise ValueError("no query images given")
-        out = self.predict(pixels, reference_set)
+        outs = [self._score_batch(chunk, n, refs) for chunk, n in self._batches(pixels)]
+        fields = [np.concatenate(parts) for parts in zip(*(o[:-1] for o in outs), strict=True)]
+        return ScoreOutputs(*fields, None)  # type: ignore[call-arg]
+
+    def iter_scores(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        reference_set: ReferenceSet,
+        *,
+        return_maps: bool = True,
+    ) -> Iterator[ScoreResult]:
+        """Score query images as a stream: one :class:`ScoreResult` per image, in input order.
+
+        Images are decoded and preprocessed one fixed-size batch at a time (``batch_size`` rows,
+        the last one padded), scored, and the batch is dropped before the next one is read, so
+        memory stays flat however many images there are. ``images`` may be a generator; it is
+        consumed one batch ahead of the results at most.
+
+        Args:
+          images: a folder, file paths, PIL images, preprocessed ``[S, S, 3]`` arrays (a list or any
+            iterable) or one ``[N, S, S, 3]`` array.
+          reference_set: from :meth:`build_reference_set` (or :meth:`zero_shot_reference_set`).
+          return_maps: also upsample the residual map to each input's size (``anomaly_map``); with
+            ``False`` results carry ``anomaly_map=None`` (the small ``residual_map`` is kept).
+
+        Raises:
+          ValueError: no images, a wrong array size or NaN/Inf pixels (when that batch is reached).
+          FileNotFoundError: a path that does not exist.
+          ReferenceSetError: the reference set was built with another backbone.
+        """
+        refs = self._device_references(reference_set)
         mode = "zero_shot" if reference_set.zero_shot else ("inctrl" if self.has_heads else "training_free")
         g = self.config.vision.grid_size
-        results = []
-        for i, src in enumerate(sources):
-            grid = np.asarray(out.residual_map[i], np.float32).reshape(g, g)
-            results.append(
-                ScoreResult(
+        scored = 0
+        for pixels, sources, geoms in self._pixel_batches(images):
+            out = self._score_batch(pixels, len(sources), refs)
+            del pixels
+            for i, src in enumerate(sources):
+                grid = np.asarray(out.residual_map[i], np.float32).reshape(g, g)
+                yield ScoreResult(
                     score=float(out.score[i]),
                     s_p=float(out.s_p[i]),
                     s_i=float(out.s_i[i]),
                     s_a=float(out.s_a[i]),
                     residual_map=grid,
-                    anomaly_map=self._upsample(grid, geoms[i]),
+                    anomaly_map=self._upsample(grid, geoms[i]) if return_maps else None,
                     mode=mode,
                     source=src,
                 )
-            )
-        return results
+            scored += len(sources)
+        if scored == 0:
+            raise ValueError("no query images given")
+
+    def score(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        reference_set: ReferenceSet,
+        *,
+        return_maps: bool = True,
+    ) -> list[ScoreResult]:
+        """Score query images against a reference set (streamed: see :meth:`iter_scores`).
+
+        Args:
+          images: a folder, file paths, PIL images, preprocessed ``[S, S, 3]`` arrays or one
+            ``[N, S, S, 3]`` array.
+          reference_set: from :meth:`build_reference_set` (or :meth:`zero_shot_reference_set`).
+          return_maps: keep the full-size ``anomaly_map`` of every image (``False`` for huge runs).
+
+        Returns:
+          One :class:`ScoreResult` per image, in input order.
+        """
+        return list(self.iter_scores(images, reference_set, return_maps=return_maps))
 
     def _upsample(self, grid: np.ndarray, geometry: Any) -> np.ndarray:
         s = self.image_size
