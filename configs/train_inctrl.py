@@ -2,10 +2,14 @@
 
 Run:
   python train.py --config configs/train_inctrl.py --workdir runs/mvtec_k2 \
-      --config.data.root=/path/to/data --config.data.categories='("mvtec_ad/bottle", "mvtec_ad/cable")'
+      --config.data.datasets='("mvtec:/data/mvtec_ad",)'
 
-Change any value with ``--config.<key>=<value>`` (e.g. ``--config.model.k=4``). ``get_config("tiny")``
-(``--config configs/train_inctrl.py:tiny``) uses a random tiny backbone and 20 steps for a laptop.
+Several auxiliary datasets, in any layout (see inctrl_jax/training/data.py), e.g. VisA to evaluate
+on MVTec AD: ``--config.data.datasets='("visa:/data/VisA", "mvtec:/data/elpv:elpv")'``.
+Change any value with ``--config.<key>=<value>`` (e.g. ``--config.model.k=4``).
+
+Small variants: ``--config configs/train_inctrl.py:tiny`` (the golden fixtures' random tiny backbone,
+20 steps, for a laptop) and ``:micro`` (a 3-block 64-px random backbone, for fast tests).
 """
 
 from inctrl_jax.training.trainer import default_config
@@ -13,9 +17,13 @@ from inctrl_jax.training.trainer import default_config
 
 def get_config(arg: str | None = None):
     config = default_config()
-    if arg == "tiny":
+    if arg in ("tiny", "micro"):
         config.backbone.source = "random"
-        config.backbone.arch = "inctrl-tiny"
+        config.backbone.arch = f"inctrl-{arg}"
         config.train.steps = 20
         config.checkpoint.every = 10
+    if arg == "micro":
+        config.backbone.tap_layers = (1, 2, 3)
+    elif arg not in (None, "", "tiny"):
+        raise ValueError(f"configs/train_inctrl.py:{arg}: unknown variant; use ':tiny', ':micro' or none")
     return config

@@ -152,3 +152,36 @@ def build_feature_cache(
             json.dumps({"fingerprint": fingerprint_id, "complete": True, "num_images": n, "dtype": dtype})
         )
     return FeatureCache(patch_tokens, class_embeds)
+
+
+def cached_text_prototypes(
+    categories: Sequence[str],
+    compute: Callable[[str], np.ndarray],
+    directory: str | Path | None,
+    backbone_id: str,
+) -> dict[str, np.ndarray]:
+    """``{category: [g_n, g_a]}``; with a cache directory, reused from ``text_prototypes.npz`` there.
+
+    The stored prototypes are only reused when they come from the same backbone (``backbone_id``);
+    categories missing from the file are computed and added.
+    """
+    if directory is None:
+        return {c: np.asarray(compute(c)) for c in categories}
+    file = Path(directory) / "text_prototypes.npz"
+    stored: dict[str, np.ndarray] = {}
+    if file.exists():
+        with np.load(file) as npz:
+            if str(npz["backbone_id"]) == backbone_id:
+                stored = {k[len("category/") :]: npz[k] for k in npz.files if k.startswith("category/")}
+    missing = [c for c in categories if c not in stored]
+    for c in missing:
+        stored[c] = np.asarray(compute(c))
+    if missing:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        arrays = {f"category/{c}": v for c, v in stored.items()}
+        tmp = file.with_name(
+            "text_prototypes.tmp.npz"
+        )  # renamed when complete: a killed run leaves no half file
+        np.savez(tmp, backbone_id=np.asarray(backbone_id), **arrays)  # type: ignore[arg-type]
+        tmp.replace(file)
+    return {c: stored[c] for c in categories}

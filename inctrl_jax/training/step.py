@@ -204,7 +204,7 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     if size % mesh.devices.size:
         raise ValueError(
             f"the global batch of {size} queries does not split over {mesh.devices.size} devices: make "
-            "config.train.normal_per_step + config.train.anomalous_per_step a multiple of the device count"
+            "config.train.batch_size a multiple of the device count (or set config.mesh.num_devices)"
         )
     if jax.process_count() == 1:
         return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}

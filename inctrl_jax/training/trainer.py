@@ -21,9 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from inctrl_jax.clip.model import CLIPConfig, TextConfig, VisionConfig, init_params
+from inctrl_jax.data import BalancedEpisodeSampler, Dataset, Episode
 from inctrl_jax.training import feature_cache as fc
+from inctrl_jax.training.data import load_training_set, summary
 from inctrl_jax.training.losses import LOSS_KINDS
-from inctrl_jax.training.sampling import BalancedSampler, build_training_set, check_training_set
 from inctrl_jax.training.step import (
     OptimizerConfig,
     init_train_state,
@@ -43,6 +44,25 @@ TINY_CONFIG = CLIPConfig(
 )
 """The golden fixtures' tiny model (ViT width 64, 640-d embedding): CPU tests and smoke runs."""
 
+MICRO_CONFIG = CLIPConfig(
+    VisionConfig(64, 16, 32, 3, 2, 64, 64, "gelu"), TextConfig(49408, 77, 32, 1, 2, 64, 64, "gelu")
+)
+"""A 3-block, 64-px model (16 patches, taps (1, 2, 3)) for fast end-to-end tests; not a real backbone."""
+
+RANDOM_ARCHS = {"inctrl-tiny": TINY_CONFIG, "inctrl-micro": MICRO_CONFIG}
+
+# Keys a resumed run may change: they do not alter what is computed (or, for mesh.num_devices,
+# only the order of float reductions). Any other difference to the checkpointed config is an error.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "checkpoint.",
+    "log.",
+    "mesh.",
+    "cache.dir",
+    "cache.batch_size",
+    "export.",
+)
+
 
 class ConfigError(ValueError):
     """A training config value is invalid; the message names the key."""
@@ -51,7 +71,7 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """Every key a training config may set, with the reference protocol's values."""
     c = ml_collections.ConfigDict()
-    c.data = ml_collections.ConfigDict({"root": "", "categories": ()})
+    c.data = ml_collections.ConfigDict({"root": "", "datasets": (), "on_error": "raise"})
     c.backbone = ml_collections.ConfigDict(
         {"source": "ViT-B-16-plus-240", "arch": "", "tag": "", "seed": 0, "tap_layers": (7, 9, 11)}
     )
@@ -59,8 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         {
             "steps": 1000,
-            "normal_per_step": 8,
-            "anomalous_per_step": 8,
+            "batch_size": 16,
+            "exclude_query": False,
             "seed": 10,
             "learning_rate": 1e-3,
             "b1": 0.9,
@@ -69,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
             "weight_decay": 0.01,
             "loss": "reference",
             "legacy_batch_scramble": False,
+            "dtype": "float32",
         }
     )
     c.cache = ml_collections.ConfigDict({"dir": "", "dtype": "float32", "batch_size": 16})
@@ -106,30 +127,69 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.train.loss={t.loss!r}; use one of {LOSS_KINDS}")
     if config.model.k < 1:
         raise ConfigError(f"config.model.k={config.model.k}; K must be >= 1")
-    if t.steps < 1 or t.normal_per_step < 1 or t.anomalous_per_step < 1:
-        raise ConfigError("config.train.steps, normal_per_step and anomalous_per_step must be >= 1")
-    if t.normal_per_step + t.anomalous_per_step < 2:
-        raise ConfigError("train-mode BatchNorm needs at least 2 queries per step")
+    if t.steps < 1:
+        raise ConfigError(f"config.train.steps={t.steps}; must be >= 1")
+    if t.batch_size < 2 or t.batch_size % 2:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size}; must be even and >= 2 (half normal, half anomalous "
+            "queries; the reference uses 16)"
+        )
+    if t.dtype not in ("float32", "float64"):
+        raise ConfigError(f"config.train.dtype={t.dtype!r}; use 'float32' or 'float64'")
+    if t.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ConfigError(
+            "config.train.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment"
+        )
+    if config.data.on_error not in ("raise", "skip"):
+        raise ConfigError(f"config.data.on_error={config.data.on_error!r}; use 'raise' or 'skip'")
     if config.cache.dtype not in fc.CACHE_DTYPES:
         raise ConfigError(f"config.cache.dtype={config.cache.dtype!r}; use one of {fc.CACHE_DTYPES}")
-    if not config.data.root or not config.data.categories:
+    if not config.data.datasets:
         raise ConfigError(
-            "set config.data.root and config.data.categories (category folders in MVTec layout)"
+            "set config.data.datasets, e.g. --config.data.datasets='(\"mvtec:/data/mvtec_ad\",)' "
+            "(layouts: see inctrl_jax/training/data.py)"
         )
+    if config.backbone.source == "random" and config.backbone.arch not in ("", *RANDOM_ARCHS):
+        from inctrl_jax.clip.registry import BACKBONES
+
+        if config.backbone.arch not in BACKBONES:
+            raise ConfigError(
+                f"config.backbone.arch={config.backbone.arch!r}; use one of {sorted(RANDOM_ARCHS)} "
+                f"or a registry name {sorted(BACKBONES)}"
+            )
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise ConfigError("config.checkpoint.every and config.checkpoint.keep must be >= 1")
 
 
+def random_backbone_params(config: CLIPConfig, seed: int) -> dict[str, Any]:
+    """Random CLIP weights for tests and benchmarks: N(0, 0.02) everywhere, LayerNorm scale 1 / bias 0.
+
+    Drawn with numpy into the parameter shapes of :func:`init_params` (traced, not run): compiling
+    Flax's own initialisers costs ~10 s on CPU even for a 3-block model.
+    """
+    shapes = jax.eval_shape(lambda: init_params(config, seed))
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def _load_backbone(cfg: ml_collections.ConfigDict) -> tuple[CLIPConfig, dict]:
     if cfg.source == "random":
-        if cfg.arch in ("", "inctrl-tiny"):
-            clip_config = TINY_CONFIG
+        if cfg.arch in ("", *RANDOM_ARCHS):
+            clip_config = RANDOM_ARCHS[cfg.arch or "inctrl-tiny"]
         else:
             from inctrl_jax.clip.registry import get_backbone
 
             clip_config = get_backbone(cfg.arch).config
-        # Jitted: eager Flax init of a 12-block ViT dispatches thousands of small ops.
-        return clip_config, jax.jit(lambda: init_params(clip_config, cfg.seed))()
+        return clip_config, random_backbone_params(clip_config, cfg.seed)
     from inctrl_jax.clip.loading import load_clip
 
     return load_clip(cfg.source, backbone=cfg.arch or None, tag=cfg.tag or None)
@@ -157,18 +217,37 @@ class TrainResult:
     state: dict[str, Any]
 
 
-def _host_batch(cache: fc.FeatureCache, protos: np.ndarray, data, batch) -> dict[str, np.ndarray]:
-    b, k = batch.references.shape
-    refs = np.asarray(cache.patch_tokens[batch.references.reshape(-1)], np.float32)
+def _host_batch(
+    cache: fc.FeatureCache, protos: dict[str, np.ndarray], episode: Episode, dtype: str
+) -> dict[str, np.ndarray]:
+    """Gathers one episode's cached features: queries, their K references, their category's text prior."""
+    b, k = episode.references.shape
+    refs = np.asarray(cache.patch_tokens[episode.references.reshape(-1)], dtype)
     refs = refs.reshape(b, k, *refs.shape[1:]).transpose(0, 2, 1, 3, 4)  # [B, L, K, P, D]
     return {
-        "query_tokens": np.asarray(cache.patch_tokens[batch.query], np.float32),
-        "query_embeds": cache.class_embeds[batch.query],
+        "query_tokens": np.asarray(cache.patch_tokens[episode.query], dtype),
+        "query_embeds": np.asarray(cache.class_embeds[episode.query], dtype),
         "reference_tokens": refs.reshape(b, refs.shape[1], k * refs.shape[3], refs.shape[4]),
-        "reference_embeds": cache.class_embeds[batch.references],
-        "text_prototypes": protos[data.categories[batch.query]],
-        "labels": batch.labels,
+        "reference_embeds": np.asarray(cache.class_embeds[episode.references], dtype),
+        "text_prototypes": np.stack([protos[c] for c in episode.category]).astype(dtype),
+        "labels": episode.label,
     }
+
+
+def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict, checkpoint: Path) -> None:
+    """Refuses to continue a run whose checkpointed config differs in anything but :data:`RESUMABLE_CHANGES`."""
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    changed = sorted(
+        key
+        for key in set(old) | set(new)
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        diffs = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
+        raise ConfigError(
+            f"the checkpoint in {checkpoint} was trained with a different config ({diffs}); resuming would "
+            "mix two runs. Use a new --workdir, or restore the old values"
+        )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
@@ -187,9 +266,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     workdir.mkdir(parents=True, exist_ok=True)
     k = int(config.model.k)
 
-    data = build_training_set(config.data.root, tuple(config.data.categories))
-    check_training_set(data, k)
-    log.info("data: %s", data.summary())
+    t_cfg = config.train
+    data: Dataset = load_training_set(tuple(config.data.datasets), config.data.root, config.data.on_error)
+    # Fails fast (no normal / anomalous images, a category with fewer than K normal images).
+    sampler = BalancedEpisodeSampler(
+        data, k, t_cfg.batch_size, t_cfg.seed, exclude_query=t_cfg.exclude_query, num_steps=t_cfg.steps
+    )
+    log.info("data: %s", summary(data))
+    paths = [s.path for s in data]
+
+    # A changed config is refused here, before any compute, rather than mixed into the old run.
+    ckpt_dir = workdir / "checkpoints"
+    manager = ocp.CheckpointManager(
+        ckpt_dir,
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
+    )
+    latest = manager.latest_step()
+    if latest is not None:
+        saved = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_resume_config(saved["config"], config, ckpt_dir / str(latest))
 
     clip_config, clip_params = _load_backbone(config.backbone)
     taps = tuple(int(t) for t in config.backbone.tap_layers)
@@ -216,31 +311,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
         return tokens, embeds
 
     t = time.perf_counter()
-    fp = fc.fingerprint(data.paths, detector.backbone_id, taps, config.cache.dtype)
+    fp = fc.fingerprint(paths, detector.backbone_id, taps, config.cache.dtype)
     cache = fc.build_feature_cache(
-        data.paths, encode, v.image_size, (len(taps), v.num_patches, v.width, v.embed_dim),
+        paths, encode, v.image_size, (len(taps), v.num_patches, v.width, v.embed_dim),
         dtype=config.cache.dtype, batch_size=config.cache.batch_size, directory=config.cache.dir or None,
         fingerprint_id=fp, progress=config.log.progress,
     )  # fmt: skip
-    protos = np.stack([np.asarray(detector.text_prototypes(name)) for name in data.category_names])
+    protos = fc.cached_text_prototypes(
+        data.categories, detector.text_prototypes, config.cache.dir or None, detector.backbone_id
+    )
     seconds["cache"] = time.perf_counter() - t
     log.info("feature cache built: %s in %.1f s", fc.format_bytes(cache.nbytes), seconds["cache"])
 
     from inctrl_jax.model.heads import init_heads
 
-    t_cfg = config.train
     tx = make_optimizer(
         OptimizerConfig(t_cfg.learning_rate, t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay)
     )
-    state = init_train_state(init_heads(v.embed_dim, v.num_patches, config.model.seed), tx)
-    sampler = BalancedSampler(data, k, t_cfg.normal_per_step, t_cfg.anomalous_per_step, t_cfg.seed)
+    # Jitted: eager init compiles every primitive separately (seconds on CPU).
+    heads = jax.jit(lambda: init_heads(v.embed_dim, v.num_patches, config.model.seed))()
+    heads = jax.tree.map(lambda a: a.astype(t_cfg.dtype), heads)
+    state = init_train_state(heads, tx)
 
-    ckpt_dir = workdir / "checkpoints"
-    manager = ocp.CheckpointManager(
-        ckpt_dir,
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
-    )
-    latest = manager.latest_step()
     if latest is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         restored = manager.restore(
@@ -273,14 +365,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
 
     from tqdm import tqdm
 
-    start = int(sampler.step)
+    start = int(sampler.get_state()["step"])
     log.info("training: steps %d..%d on %d device(s), K=%d", start, t_cfg.steps, mesh.devices.size, k)
     t = time.perf_counter()
     loss = float("nan")
     bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", disable=not config.log.progress)
-    while sampler.step < t_cfg.steps:
-        step = sampler.step
-        batch = put_batch(_host_batch(cache, protos, data, next(sampler)), mesh)
+    for step in range(start, t_cfg.steps):
+        batch = put_batch(_host_batch(cache, protos, next(sampler), t_cfg.dtype), mesh)
         state, metrics = step_fn(state, batch)
         if (step + 1) % config.log.every == 0 or step + 1 == t_cfg.steps:
             record = {"step": step + 1, **{name: float(val) for name, val in metrics.items()}}
