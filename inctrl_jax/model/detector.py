@@ -642,7 +642,7 @@ class Detector:
             out = self._score_batch(pixels, len(sources), refs)
             del pixels
             for i, src in enumerate(sources):
-                grid = np.asarray(out.residual_map[i], np.float32).reshape(g, g)
+                grid = np.array(out.residual_map[i], np.float32).reshape(g, g)  # a copy: frees the batch
                 yield ScoreResult(
                     score=float(out.score[i]),
                     s_p=float(out.s_p[i]),
