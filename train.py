@@ -1,7 +1,12 @@
 """Train the InCTRL heads on auxiliary data (frozen backbone).
 
-  python train.py --config configs/train_inctrl.py --workdir runs/k2 --config.data.root=... \
-      --config.data.categories='("mvtec_ad/transistor",)'
+  python train.py --config configs/train_inctrl.py --workdir runs/k2 \
+      --config.data.datasets='("mvtec:/data/mvtec_ad", "visa:/data/VisA:candle,pcb1")'
+
+Dataset entries are ``<layout>:<path>[:<categories>]`` with layout mvtec, visa, json or folder (see
+inctrl_jax/training/data.py). Restarting the same command in the same --workdir resumes from the
+last checkpoint; a config that differs in anything but steps, logging, checkpointing, mesh, cache
+location or export is refused.
 
 Multi-host (TPU pod slice / several GPU hosts): add ``--config.mesh.distributed=True`` and start the
 same command on every host (TPU: ``gcloud compute tpus tpu-vm ssh NAME --worker=all --command="..."``;
