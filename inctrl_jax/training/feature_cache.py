@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,20 +128,30 @@ def build_feature_cache(
 
     from tqdm import tqdm
 
-    start = time.perf_counter()
-    bar = tqdm(total=n, desc="feature cache", unit="img", disable=not progress, leave=False)
-    for lo in range(0, n, batch_size):
+    def decode(lo: int) -> np.ndarray:
         hi = min(n, lo + batch_size)
         pixels = np.stack([load_image(p, image_size) for p in paths[lo:hi]])
         if hi - lo < batch_size:  # pad so the jitted encoder sees one shape
             pixels = np.concatenate(
                 [pixels, np.zeros((batch_size - (hi - lo),) + pixels.shape[1:], pixels.dtype)]
             )
-        tokens, embeds = encode(pixels)
-        tokens, embeds = np.asarray(tokens)[: hi - lo], np.asarray(embeds)[: hi - lo]
-        patch_tokens[lo:hi] = tokens.astype(dtype)
-        class_embeds[lo:hi] = embeds
-        bar.update(hi - lo)
+        return pixels
+
+    start = time.perf_counter()
+    bar = tqdm(total=n, desc="feature cache", unit="img", disable=not progress, leave=False)
+    # The next batch is decoded on a thread (PIL releases the GIL) while the backbone encodes this one.
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-decode") as pool:
+        next_pixels = pool.submit(decode, 0) if n else None
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            assert next_pixels is not None
+            pixels = next_pixels.result()
+            next_pixels = pool.submit(decode, hi) if hi < n else None
+            tokens, embeds = encode(pixels)
+            tokens, embeds = np.asarray(tokens)[: hi - lo], np.asarray(embeds)[: hi - lo]
+            patch_tokens[lo:hi] = tokens.astype(dtype)
+            class_embeds[lo:hi] = embeds
+            bar.update(hi - lo)
     bar.close()
     log.info("feature cache: encoded %d images in %.1f s", n, time.perf_counter() - start)
 
@@ -156,17 +167,20 @@ def build_feature_cache(
 
 def cached_text_prototypes(
     categories: Sequence[str],
-    compute: Callable[[str], np.ndarray],
+    compute: Callable[[Sequence[str]], dict[str, np.ndarray]],
     directory: str | Path | None,
     backbone_id: str,
 ) -> dict[str, np.ndarray]:
     """``{category: [g_n, g_a]}``; with a cache directory, reused from ``text_prototypes.npz`` there.
 
-    The stored prototypes are only reused when they come from the same backbone (``backbone_id``);
-    categories missing from the file are computed and added.
+    ``compute`` encodes several categories in one call (see
+    :func:`inctrl_jax.training.text_prior.text_prototypes_for`). The stored prototypes are only
+    reused when they come from the same backbone (``backbone_id``); categories missing from the
+    file are computed together and added.
     """
     if directory is None:
-        return {c: np.asarray(compute(c)) for c in categories}
+        computed = compute(list(categories))
+        return {c: np.asarray(computed[c]) for c in categories}
     file = Path(directory) / "text_prototypes.npz"
     stored: dict[str, np.ndarray] = {}
     if file.exists():
@@ -174,14 +188,12 @@ def cached_text_prototypes(
             if str(npz["backbone_id"]) == backbone_id:
                 stored = {k[len("category/") :]: npz[k] for k in npz.files if k.startswith("category/")}
     missing = [c for c in categories if c not in stored]
-    for c in missing:
-        stored[c] = np.asarray(compute(c))
     if missing:
+        stored.update({c: np.asarray(v) for c, v in compute(missing).items()})
         Path(directory).mkdir(parents=True, exist_ok=True)
         arrays = {f"category/{c}": v for c, v in stored.items()}
-        tmp = file.with_name(
-            "text_prototypes.tmp.npz"
-        )  # renamed when complete: a killed run leaves no half file
+        # Written under a temporary name and renamed when complete: a killed run leaves no half file.
+        tmp = file.with_name("text_prototypes.tmp.npz")
         np.savez(tmp, backbone_id=np.asarray(backbone_id), **arrays)  # type: ignore[arg-type]
         tmp.replace(file)
     return {c: stored[c] for c in categories}

@@ -21,9 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from inctrl_jax.clip.model import CLIPConfig, TextConfig, VisionConfig, init_params
-from inctrl_jax.data import BalancedEpisodeSampler, Dataset, Episode
+from inctrl_jax.data import BalancedEpisodeSampler, Dataset
 from inctrl_jax.training import feature_cache as fc
 from inctrl_jax.training.data import load_training_set, summary
+from inctrl_jax.training.feed import PLACEMENTS, BatchFeed, choose_placement
 from inctrl_jax.training.losses import LOSS_KINDS
 from inctrl_jax.training.step import (
     OptimizerConfig,
@@ -32,9 +33,9 @@ from inctrl_jax.training.step import (
     make_mesh,
     make_optimizer,
     make_train_step,
-    put_batch,
     replicate,
 )
+from inctrl_jax.training.text_prior import text_prototypes_for
 
 log = logging.getLogger("inctrl_jax.train")
 
@@ -60,6 +61,7 @@ RESUMABLE_CHANGES = (
     "mesh.",
     "cache.dir",
     "cache.batch_size",
+    "cache.placement",
     "export.",
 )
 
@@ -92,7 +94,11 @@ def default_config() -> ml_collections.ConfigDict:
             "dtype": "float32",
         }
     )
-    c.cache = ml_collections.ConfigDict({"dir": "", "dtype": "float32", "batch_size": 16})
+    # placement: "device" keeps a copy of the cache on every device and gathers batches there,
+    # "host" gathers them on a background thread; "auto" picks "device" when the copy fits.
+    c.cache = ml_collections.ConfigDict(
+        {"dir": "", "dtype": "float32", "batch_size": 16, "placement": "auto"}
+    )
     c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3})
     c.export = ml_collections.ConfigDict({"official_state_dict": False})
     c.mesh = ml_collections.ConfigDict({"num_devices": -1, "distributed": False})
@@ -144,6 +150,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.on_error={config.data.on_error!r}; use 'raise' or 'skip'")
     if config.cache.dtype not in fc.CACHE_DTYPES:
         raise ConfigError(f"config.cache.dtype={config.cache.dtype!r}; use one of {fc.CACHE_DTYPES}")
+    if config.cache.placement not in PLACEMENTS:
+        raise ConfigError(f"config.cache.placement={config.cache.placement!r}; use one of {PLACEMENTS}")
     if not config.data.datasets:
         raise ConfigError(
             "set config.data.datasets, e.g. --config.data.datasets='(\"mvtec:/data/mvtec_ad\",)' "
@@ -215,23 +223,6 @@ class TrainResult:
     seconds: dict[str, float]
     cache_bytes: int
     state: dict[str, Any]
-
-
-def _host_batch(
-    cache: fc.FeatureCache, protos: dict[str, np.ndarray], episode: Episode, dtype: str
-) -> dict[str, np.ndarray]:
-    """Gathers one episode's cached features: queries, their K references, their category's text prior."""
-    b, k = episode.references.shape
-    refs = np.asarray(cache.patch_tokens[episode.references.reshape(-1)], dtype)
-    refs = refs.reshape(b, k, *refs.shape[1:]).transpose(0, 2, 1, 3, 4)  # [B, L, K, P, D]
-    return {
-        "query_tokens": np.asarray(cache.patch_tokens[episode.query], dtype),
-        "query_embeds": np.asarray(cache.class_embeds[episode.query], dtype),
-        "reference_tokens": refs.reshape(b, refs.shape[1], k * refs.shape[3], refs.shape[4]),
-        "reference_embeds": np.asarray(cache.class_embeds[episode.references], dtype),
-        "text_prototypes": np.stack([protos[c] for c in episode.category]).astype(dtype),
-        "labels": episode.label,
-    }
 
 
 def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict, checkpoint: Path) -> None:
@@ -320,7 +311,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     seconds["cache"] = time.perf_counter() - t
     t = time.perf_counter()
     protos = fc.cached_text_prototypes(
-        data.categories, detector.text_prototypes, config.cache.dir or None, detector.backbone_id
+        data.categories,
+        lambda categories: text_prototypes_for(categories, clip_config, clip_params),
+        config.cache.dir or None,
+        detector.backbone_id,
     )
     seconds["text_prior"] = time.perf_counter() - t
     log.info(
@@ -371,13 +365,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     from tqdm import tqdm
 
     start = int(sampler.get_state()["step"])
-    log.info("training: steps %d..%d on %d device(s), K=%d", start, t_cfg.steps, mesh.devices.size, k)
+    placement = choose_placement(config.cache.placement, cache.nbytes, mesh)
+    feed = BatchFeed(cache, protos, sampler, mesh, t_cfg.dtype, placement)
+    log.info(
+        "training: steps %d..%d on %d device(s), K=%d, batches gathered on the %s",
+        start, t_cfg.steps, mesh.devices.size, k, placement,
+    )  # fmt: skip
     t = time.perf_counter()
     loss = float("nan")
     bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", disable=not config.log.progress)
-    for step in range(start, t_cfg.steps):
-        batch = put_batch(_host_batch(cache, protos, next(sampler), t_cfg.dtype), mesh)
+    for step, batch in feed.iterate(start, t_cfg.steps):
         state, metrics = step_fn(state, batch)
+        sampler.set_state({"step": step + 1, "seed": sampler.seed})  # the feed reads ahead by step number
         if (step + 1) % config.log.every == 0 or step + 1 == t_cfg.steps:
             record = {"step": step + 1, **{name: float(val) for name, val in metrics.items()}}
             loss = record["loss"]
