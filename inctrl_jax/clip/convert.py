@@ -180,7 +180,7 @@ def convert_state_dict(
     """
     from inctrl_jax.clip.model import init_params  # local: avoids a jax trace at import
 
-    sd = {_strip_module(k): np.asarray(v) for k, v in state_dict.items()}
+    sd = {strip_module_prefix(k): np.asarray(v) for k, v in state_dict.items()}
     layout = layout or detect_layout(sd)
     used: set[str] = set()
     missing: list[str] = []
@@ -243,7 +243,8 @@ def _other_tower_prefixes(layout: str, towers: tuple[str, ...]) -> tuple[str, ..
     return out
 
 
-def _strip_module(key: str) -> str:
+def strip_module_prefix(key: str) -> str:
+    """Drop the ``module.`` prefixes that DataParallel/DDP checkpoints carry."""
     while key.startswith("module."):
         key = key[len("module.") :]
     return key

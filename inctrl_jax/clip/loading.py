@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from inctrl_jax.clip.convert import ConversionError, convert_state_dict, detect_layout
+from inctrl_jax.clip.convert import ConversionError, convert_state_dict, detect_layout, strip_module_prefix
 from inctrl_jax.clip.model import CLIPConfig, TextConfig, VisionConfig
 from inctrl_jax.clip.registry import BACKBONES, Backbone, get_backbone
 
@@ -81,12 +81,6 @@ def _sniff(path: Path) -> str:
     if len(head) >= 9 and head[8:9] == b"{":  # u64 header size, then the JSON header
         return "safetensors"
     return "unknown"
-
-
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module.") :]
-    return key
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -206,7 +200,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{path} is not a checkpoint this loader knows: expected a .safetensors file or a PyTorch "
             f"pickle ({', '.join(PICKLE_SUFFIXES)}), or a transformers directory."
         )
-    sd = {_strip_module(k): v for k, v in sd.items()}
+    sd = {strip_module_prefix(k): v for k, v in sd.items()}
     if not sd:
         raise CheckpointError(f"{path} contains no tensors; pass the file that holds the model weights.")
     return sd

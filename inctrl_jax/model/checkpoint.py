@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from inctrl_jax.clip.convert import ConversionError, convert_state_dict
+from inctrl_jax.clip.convert import ConversionError, convert_state_dict, strip_module_prefix
+from inctrl_jax.clip.loading import INCTRL_HEAD_PREFIXES, split_inctrl_checkpoint
 from inctrl_jax.clip.model import CLIPConfig
 
 FORMAT_NAME = "inctrl_jax.model"
@@ -36,7 +37,7 @@ ASSUMED_HEAD_WIDTH = 64
 
 # Official head module name -> our head name.
 _HEAD_NAMES = {"diff_head_ref": "image_head", "diff_head": "holistic_head"}
-HEAD_PREFIXES = ("adapter.", "diff_head_ref.", "diff_head.")
+HEAD_PREFIXES = INCTRL_HEAD_PREFIXES
 
 
 class CheckpointMismatchError(ConversionError):
@@ -280,9 +281,8 @@ def from_official_state_dict(
       CheckpointMismatchError: the heads are missing or do not fit, or ``config`` is needed.
       ConversionError: the backbone keys do not fit ``config``.
     """
-    sd = {_strip_module(k): np.asarray(v) for k, v in state_dict.items()}
-    head_sd = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
-    backbone_sd = {k: v for k, v in sd.items() if k not in head_sd}
+    sd = {strip_module_prefix(k): np.asarray(v) for k, v in state_dict.items()}
+    backbone_sd, head_sd = split_inctrl_checkpoint(sd)
     if not head_sd:
         raise CheckpointMismatchError(
             f"{source} has no InCTRL head keys ({', '.join(HEAD_PREFIXES)}): it is not an InCTRL checkpoint. "
@@ -340,17 +340,14 @@ def load_official_checkpoint(
 
     See :func:`from_official_state_dict`; pickles need torch (``pip install 'inctrl_jax[torch]'``).
     """
-    from inctrl_jax.clip.loading import read_state_dict
+    from inctrl_jax.clip.loading import read_state_dict, stored_config
 
     return from_official_state_dict(
-        read_state_dict(path), config=config, tap_layers=tap_layers, source=str(path)
+        read_state_dict(path),
+        config=config or stored_config(path),  # inctrl-convert keeps the architecture in the header
+        tap_layers=tap_layers,
+        source=str(path),
     )
-
-
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module.") :]
-    return key
 
 
 # --------------------------------------------------------------------------------------------
