@@ -74,13 +74,12 @@ def test_batches_equal_a_plain_gather_and_resume_mid_stream(parts, placement):
         assert all(np.array_equal(np.asarray(batch[k]), np.asarray(ref_batch[k])) for k in batch)
 
 
-def test_auto_placement_keeps_small_caches_on_the_device_and_refuses_unknown_names(parts):
+def test_auto_placement_gathers_on_the_host_on_cpu_and_refuses_unknown_names(parts):
     from inctrl_jax.training.feed import choose_placement
 
     mesh = parts[3]
     assert jax.devices()[0].platform == "cpu"
-    assert choose_placement("auto", 150 * 2**20, mesh) == "device"
-    assert choose_placement("auto", 2**60, mesh) == "host"
-    assert choose_placement("host", 1, mesh) == "host"
+    assert choose_placement("auto", 150 * 2**20, mesh) == "host"  # aligned host batches are not copied
+    assert choose_placement("device", 1, mesh) == "device"
     with pytest.raises(ValueError, match="config.cache.placement='gpu'"):
         choose_placement("gpu", 1, mesh)

@@ -207,7 +207,8 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
             "config.train.batch_size a multiple of the device count (or set config.mesh.num_devices)"
         )
     if jax.process_count() == 1:
-        return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+        # may_alias: on CPU an aligned host buffer is used in place; callers hand over fresh buffers.
+        return {k: jax.device_put(v, batch_sharding, may_alias=True) for k, v in batch.items()}
     per_process = size // jax.process_count()
     lo = jax.process_index() * per_process
     return {
