@@ -6,7 +6,10 @@ Run:
 
 Several auxiliary datasets, in any layout (see inctrl_jax/training/data.py), e.g. VisA to evaluate
 on MVTec AD: ``--config.data.datasets='("visa:/data/VisA", "mvtec:/data/elpv:elpv")'``.
-Change any value with ``--config.<key>=<value>`` (e.g. ``--config.model.k=4``).
+Change any value with ``--config.<key>=<value>`` (e.g. ``--config.model.k=4``). Large runs: keep
+the feature cache on disk with ``--config.cache.dir=/path`` (reused by later runs, float16 with
+``--config.cache.dtype=float16``); ``--config.cache.placement=device|host`` overrides where each
+step's batch is gathered (default ``auto``: host on CPU, device on GPU/TPU when the cache fits).
 
 Small variants: ``--config configs/train_inctrl.py:tiny`` (the golden fixtures' random tiny backbone,
 20 steps, for a laptop) and ``:micro`` (a 3-block 64-px random backbone, for fast tests).

@@ -11,11 +11,12 @@ for the paper backbone in float32). Two ways to get them there:
   The buffers are 64-byte aligned, so on CPU devices ``jax.device_put`` adopts them without a copy.
 
 ``"auto"`` picks ``"host"`` on CPU devices (measured for the paper backbone on 2 cores: XLA's CPU
-gather of the ~80 MB of patch tokens takes ~65 ms a step, the aligned host gather ~20 ms on the
-read-ahead thread and no copy into the device) and ``"device"`` on accelerators when a copy of
-the cache fits comfortably (see :func:`choose_placement`). Both give bitwise the same batches (gathers and exact float16 -> float32
-casts), and batches depend only on the step number (:meth:`BalancedEpisodeSampler.episode`), so
-the sampler's checkpointed state and exact resume are unaffected by reading ahead.
+gather of a step's ~115 MB takes 60-85 ms, the aligned host gather ~20 ms on the read-ahead
+thread and no copy into the device) and ``"device"`` on accelerators when a copy of the cache
+fits comfortably (see :func:`choose_placement`). Both give bitwise the same batches (gathers and
+exact float16 -> float32 casts), and batches depend only on the step number
+(:meth:`BalancedEpisodeSampler.episode`), so the sampler's checkpointed state and exact resume
+are unaffected by reading ahead.
 """
 
 from __future__ import annotations
