@@ -121,11 +121,11 @@ def test_at_most_one_batch_of_preprocessed_images_is_held(detector, images, refs
     held: list[int] = []
     load_item, score_batch = detector._load_item, detector._score_batch
 
-    def spy_load(i, item):
+    def spy_load(i, item, *args):
         live_items = sum(r() is not None for r in item_refs)
         live_batches = sum(r() is not None for r in batch_refs)
         held.append(live_items + BATCH * live_batches + (i % BATCH))  # + rows already in the buffer
-        out = load_item(i, item)
+        out = load_item(i, item, *args)
         item_refs.append(weakref.ref(out[0]))
         return out
 

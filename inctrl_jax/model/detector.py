@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import itertools
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from inctrl_jax.clip.model import CLIP, CLIPConfig
+from inctrl_jax.data.layouts import DataError, Skipped
+from inctrl_jax.data.preprocess import ImageDecodeError, open_image, preprocess_with_geometry
 from inctrl_jax.model import checkpoint as ckpt
 from inctrl_jax.model.prompts import prompt_ensembles
 from inctrl_jax.model.reference import ReferenceSet, ReferenceSetError, load_prompt_file
@@ -44,6 +48,7 @@ from inctrl_jax.model.scoring import (
     text_prototypes_from_embeds,
 )
 
+FITS = ("crop", "pad")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -88,18 +93,70 @@ def _is_image_file(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _fallback_preprocess(image: Any, image_size: int) -> np.ndarray:
-    """Reference preprocessing: bicubic short-side resize, centre crop, RGB, CLIP mean/std."""
-    from PIL import Image
+_GLOB_CHARS = frozenset("*?[")
 
-    w, h = image.size
-    if (w, h) != (image_size, image_size) and min(w, h) != image_size:
-        size = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    w, h = image.size
-    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size)).convert("RGB")
-    return ((np.asarray(image, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+
+def _is_glob(text: str) -> bool:
+    return any(c in _GLOB_CHARS for c in text)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Image files anywhere under ``folder``, sorted by path; followed symlinks are visited once.
+
+    Directory symlinks are followed, but a directory whose real path was already visited (a symlink
+    loop, or two links to the same folder) is not entered again, so the walk always ends.
+    """
+    files: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        files.extend(Path(root) / n for n in names if _is_image_file(Path(n)) and (Path(root) / n).is_file())
+    return sorted(files)
+
+
+def _expand_path(item: str | os.PathLike) -> list[Path] | None:
+    """A folder (recursively) or glob pattern as its sorted image files; ``None`` for a plain path.
+
+    Raises:
+      ValueError: a folder without image files.
+      FileNotFoundError: a glob pattern that matches no image file.
+    """
+    text = os.fspath(item)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        files = _folder_images(p)
+        if not files:
+            raise ValueError(
+                f"folder {p} contains no image files ({', '.join(IMAGE_SUFFIXES)}), also in its subfolders"
+            )
+        return files
+    if not p.exists() and _is_glob(text):
+        found: set[Path] = set()
+        for match in glob.glob(os.path.expanduser(text), recursive=True):
+            m = Path(match)
+            if m.is_dir():
+                found.update(_folder_images(m))
+            elif m.is_file() and _is_image_file(m):
+                found.add(m)
+        if not found:
+            raise FileNotFoundError(
+                f"the pattern {text!r} matches no image files ({', '.join(IMAGE_SUFFIXES)}); check the pattern"
+            )
+        unique: dict[str, Path] = {}  # "**" follows directory symlinks: keep one path per real file
+        for m in sorted(found, key=lambda f: (len(f.parts), f)):
+            unique.setdefault(os.path.realpath(m), m)
+        return sorted(unique.values())
+    return None
+
+
+def _check_fit(fit: str) -> None:
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r} is not supported; use 'crop' (the reference centre crop) or 'pad'")
 
 
 def _check_finite(pixels: np.ndarray, sources: Sequence[str]) -> None:
@@ -133,6 +190,18 @@ class Detector:
       chunk: reference patches per step of the nearest-neighbour search (bounds memory).
       decode_threads: threads that decode and preprocess the images of one batch in parallel
         (1: in the calling thread). Decoding never runs ahead of the batch being scored.
+      fit: how image files and PIL images become the square model input: ``"crop"`` (the
+        reference: short side to S, centre crop; the cropped border is NaN in anomaly maps) or
+        ``"pad"`` (long side to S, the short side padded with the mean colour: nothing of an
+        elongated image is lost, maps cover the whole image). Use the same fit for the reference
+        set and the queries; :meth:`build_reference_set`, :meth:`score` and :meth:`iter_scores`
+        take a per-call ``fit`` too. Tiling elongated images (``preprocess_tiles``) is not yet
+        available through the detector.
+
+    Attributes:
+      last_skipped: the files left out by the latest :meth:`score` / :meth:`iter_scores` call
+        with ``on_error="skip"`` (:class:`inctrl_jax.data.Skipped`: ``path``, ``reason``);
+        reset when such a call starts, complete once its results are exhausted.
     """
 
     def __init__(
@@ -143,7 +212,9 @@ class Detector:
         batch_size: int = 8,
         chunk: int | None = DEFAULT_CHUNK,
         decode_threads: int = 1,
+        fit: str = "crop",
     ) -> None:
+        _check_fit(fit)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if decode_threads < 1:
@@ -153,6 +224,8 @@ class Detector:
         self.batch_size = int(batch_size)
         self.chunk = chunk
         self.decode_threads = int(decode_threads)
+        self.fit = fit
+        self.last_skipped: list[Skipped] = []
         self._model = CLIP(weights.config)
         self._clip_params = jax.tree.map(jnp.asarray, weights.clip_params)
         self._heads = (
@@ -202,7 +275,7 @@ class Detector:
             directory with ``config.json`` + ``model.safetensors``.
           config: backbone architecture for official files (inferred from shapes when ``None``).
           tap_layers: 1-based tapped blocks for official files (saved directories store theirs).
-          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``, ``decode_threads``.
+          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``, ``decode_threads``, ``fit``.
         """
         p = Path(path).expanduser()
         if p.is_dir():
@@ -233,7 +306,7 @@ class Detector:
           backbone: architecture hint for sources without a config.
           tag: pretrained tag of a registry name.
           tap_layers: 1-based tapped blocks; default: the registry's, else (7, 9, 11).
-          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``, ``decode_threads``.
+          **kwargs: ``batch_size``, ``chunk``, ``backbone_id``, ``decode_threads``, ``fit``.
         """
         from inctrl_jax.clip.loading import load_clip
         from inctrl_jax.clip.registry import BACKBONES
@@ -268,12 +341,14 @@ class Detector:
     # ---------------------------------------------------------------- inputs
 
     def load_images(
-        self, images: ImageInput | Iterable[ImageInput]
+        self, images: ImageInput | Iterable[ImageInput], *, fit: str | None = None
     ) -> tuple[np.ndarray, list[str], list[Any]]:
         """Preprocess images into ``[N, S, S, 3]`` (all at once: meant for reference sets).
 
-        Accepts a folder (its image files, sorted), a file path, a list of paths / PIL images /
-        preprocessed ``[S, S, 3]`` arrays, or one ``[N, S, S, 3]`` array. Query images are
+        Accepts a folder (the image files in it and in all its subfolders, sorted by path; symlink
+        loops are entered once), a glob pattern (``"test/good/00*.png"``, ``"**"`` recursive;
+        sorted), a file path, a list of any of these / PIL images / preprocessed ``[S, S, 3]``
+        arrays, or one ``[N, S, S, 3]`` array. ``fit`` overrides the detector's ``fit``. Query images are
         better scored with :meth:`iter_scores` / :meth:`score`, which preprocess one batch at a time.
 
         Returns:
@@ -281,13 +356,15 @@ class Detector:
 
         Raises:
           ValueError: wrong array size, NaN/Inf pixels, a folder without images.
-          FileNotFoundError: a path that does not exist.
+          FileNotFoundError: a path that does not exist, a glob pattern matching no image.
+          ImageDecodeError: an image file that cannot be decoded (names the file).
         """
+        fit = self._fit(fit)
         pixels: list[np.ndarray] = []
         sources: list[str] = []
         geoms: list[Any] = []
         for i, item in enumerate(self._expand(images)):
-            arr, src, geom = self._load_item(i, item)
+            arr, src, geom = self._load_item(i, item, fit)
             pixels.append(arr)
             sources.append(src)
             geoms.append(geom)
@@ -298,7 +375,13 @@ class Detector:
         _check_finite(stacked, sources)
         return stacked, sources, geoms
 
-    def _load_item(self, i: int, item: Any) -> tuple[np.ndarray, str, Any]:
+    def _fit(self, fit: str | None) -> str:
+        if fit is None:
+            return self.fit
+        _check_fit(fit)
+        return fit
+
+    def _load_item(self, i: int, item: Any, fit: str = "crop") -> tuple[np.ndarray, str, Any]:
         """One input (path, PIL image or preprocessed array) -> ``(pixels [S,S,3], source, geometry)``."""
         s = self.image_size
         if isinstance(item, np.ndarray) or hasattr(item, "__jax_array__") or isinstance(item, jax.Array):
@@ -313,9 +396,9 @@ class Detector:
             p = Path(item).expanduser()
             if not p.is_file():
                 raise FileNotFoundError(f"image file {p} does not exist")
-            arr, geom = self._preprocess_file(p)
+            arr, geom = self._preprocess_file(p, fit)
             return arr, str(p), geom
-        arr, geom = self._preprocess_pil(item)
+        arr, geom = self._preprocess_pil(item, fit)
         return arr, f"image[{i}]", geom
 
     @staticmethod
@@ -329,37 +412,59 @@ class Detector:
         Paths in a list are checked up front, so a missing file fails before any scoring.
         """
         if isinstance(images, str | os.PathLike):
-            p = Path(images).expanduser()
-            if p.is_dir():
-                files = sorted(f for f in p.iterdir() if f.is_file() and _is_image_file(f))
-                if not files:
-                    raise ValueError(f"folder {p} contains no image files ({', '.join(IMAGE_SUFFIXES)})")
-                return iter(files)
-            return iter([p])
+            files = _expand_path(images)
+            return iter(files if files is not None else [Path(images).expanduser()])
         if isinstance(images, np.ndarray | jax.Array):
             arr = np.asarray(images)
             return iter(arr) if arr.ndim == 4 else iter([arr])  # rows are views: nothing is copied
         if hasattr(images, "convert") and hasattr(images, "size"):  # a single PIL image
             return iter([images])
         if isinstance(images, Sequence):
+            if not any(isinstance(item, str | os.PathLike) for item in images):
+                return iter(images)
+            expanded: list[Any] = []
             for item in images:
-                if isinstance(item, str | os.PathLike) and not Path(item).expanduser().is_file():
-                    raise FileNotFoundError(f"image file {Path(item).expanduser()} does not exist")
-        return iter(images)
+                if isinstance(item, str | os.PathLike):
+                    files = _expand_path(item)
+                    if files is not None:
+                        expanded.extend(files)
+                        continue
+                    if not Path(item).expanduser().is_file():
+                        raise FileNotFoundError(f"image file {Path(item).expanduser()} does not exist")
+                expanded.append(item)
+            return iter(expanded)
+        return Detector._expand_lazily(images)
+
+    @staticmethod
+    def _expand_lazily(images: Iterable[Any]) -> Iterator[Any]:
+        """Folders and glob patterns met in a generator become their files as they are reached."""
+        for item in images:
+            files = _expand_path(item) if isinstance(item, str | os.PathLike) else None
+            if files is None:
+                yield item
+            else:
+                yield from files
 
     def _pixel_batches(
-        self, images: ImageInput | Iterable[ImageInput]
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        fit: str = "crop",
+        on_error: str = "raise",
+        skipped: list[Skipped] | None = None,
     ) -> Iterator[tuple[np.ndarray, list[str], list[Any]]]:
         """Fixed-shape ``[batch_size, S, S, 3]`` batches, decoded one batch at a time.
 
         Each batch is filled row by row in one buffer (padding rows repeat the last image), so at
         most ``batch_size`` preprocessed images exist at once, plus the one being decoded per thread.
+        With ``on_error="skip"`` files that cannot be decoded are left out (warned about and appended
+        to ``skipped``); the remaining rows of the batch move up.
 
         Yields:
           ``(pixels, sources, geometries)``; ``len(sources)`` rows of ``pixels`` are real.
         """
         items = self._iter_inputs(images)
         b, s = self.batch_size, self.image_size
+        skip = on_error == "skip"
         pool = ThreadPoolExecutor(self.decode_threads) if self.decode_threads > 1 else None
         offset = 0
         try:
@@ -371,42 +476,50 @@ class Detector:
 
                 def fill(
                     j: int, item: Any, buffer: np.ndarray = buffer, offset: int = offset
-                ) -> tuple[str, Any]:
-                    arr, src, geom = self._load_item(offset + j, item)
+                ) -> tuple[str, Any] | Skipped:
+                    try:
+                        arr, src, geom = self._load_item(offset + j, item, fit)
+                    except (ImageDecodeError, DataError) as e:
+                        if not skip or not isinstance(item, str | os.PathLike):
+                            raise
+                        return Skipped(os.fspath(item), str(e))
                     buffer[j] = arr
                     return src, geom
 
                 jobs = range(len(chunk))
-                filled = list(pool.map(fill, jobs, chunk) if pool is not None else map(fill, jobs, chunk))
+                done = list(pool.map(fill, jobs, chunk) if pool is not None else map(fill, jobs, chunk))
+                offset += len(chunk)
                 del chunk
+                kept = [j for j, r in enumerate(done) if not isinstance(r, Skipped)]
+                for r in done:
+                    if isinstance(r, Skipped):
+                        warnings.warn(f"skipped {r.path}: {r.reason}", stacklevel=3)
+                        if skipped is not None:
+                            skipped.append(r)
+                if not kept:
+                    continue
+                if len(kept) < len(done):
+                    buffer[: len(kept)] = buffer[kept]
+                filled = [done[j] for j in kept]
                 n = len(filled)
                 buffer[n:] = buffer[n - 1]  # pad to a fixed shape so jit never recompiles
-                sources = [src for src, _ in filled]
+                sources = [src for src, _ in filled]  # type: ignore[misc]
                 _check_finite(buffer[:n], sources)
-                yield buffer, sources, [geom for _, geom in filled]
+                yield buffer, sources, [geom for _, geom in filled]  # type: ignore[misc]
                 del buffer, fill  # free this batch before the next one is decoded
-                offset += n
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _preprocess_pil(self, image: Any) -> tuple[np.ndarray, Any]:
-        try:
-            from inctrl_jax.data.preprocess import preprocess_with_geometry
-        except ImportError:
-            return _fallback_preprocess(image, self.image_size), None
-        return preprocess_with_geometry(image, self.image_size)
+    def _preprocess_pil(self, image: Any, fit: str = "crop") -> tuple[np.ndarray, Any]:
+        return preprocess_with_geometry(image, self.image_size, fit)  # type: ignore[arg-type]
 
-    def _preprocess_file(self, path: Path) -> tuple[np.ndarray, Any]:
+    def _preprocess_file(self, path: Path, fit: str = "crop") -> tuple[np.ndarray, Any]:
+        image = open_image(path)
         try:
-            from inctrl_jax.data.preprocess import open_image
-        except ImportError:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                im.load()
-                return self._preprocess_pil(im)
-        return self._preprocess_pil(open_image(path))
+            return self._preprocess_pil(image, fit)
+        except ValueError as e:  # e.g. an unsupported mode: name the file
+            raise ImageDecodeError(f"{path}: {e}") from e
 
     # ---------------------------------------------------------------- features
 
@@ -476,6 +589,7 @@ class Detector:
         category: str,
         *,
         k: int | None = None,
+        fit: str | None = None,
     ) -> ReferenceSet:
         """Encode K normal reference images of ``category`` once.
 
@@ -483,11 +597,12 @@ class Detector:
           images: a folder, file paths, PIL images or preprocessed arrays (see :meth:`load_images`).
           category: the category name (also the text-prompt object).
           k: use the first ``k`` images (default: all).
+          fit: ``"crop"`` or ``"pad"`` (default: the detector's ``fit``); use the queries' fit.
 
         Raises:
           ReferenceSetError: no images, or ``k`` larger than the number of images given.
         """
-        pixels, sources, _ = self.load_images(images)
+        pixels, sources, _ = self.load_images(images, fit=fit)
         if k is not None:
             if k < 1:
                 raise ReferenceSetError(f"k must be >= 1 (got {k}); use zero_shot_reference_set() for K = 0")
@@ -614,6 +729,8 @@ class Detector:
         reference_set: ReferenceSet,
         *,
         return_maps: bool = True,
+        fit: str | None = None,
+        on_error: str = "raise",
     ) -> Iterator[ScoreResult]:
         """Score query images as a stream: one :class:`ScoreResult` per image, in input order.
 
@@ -628,17 +745,41 @@ class Detector:
           reference_set: from :meth:`build_reference_set` (or :meth:`zero_shot_reference_set`).
           return_maps: also upsample the residual map to each input's size (``anomaly_map``); with
             ``False`` results carry ``anomaly_map=None`` (the small ``residual_map`` is kept).
+          fit: ``"crop"`` or ``"pad"`` for this call (default: the detector's ``fit``); maps are
+            projected back onto the original image either way.
+          on_error: ``"raise"`` (default): an image file that cannot be decoded (unreadable,
+            corrupt, truncated, not an image) raises :class:`~inctrl_jax.data.ImageDecodeError`.
+            ``"skip"``: such files get no result; each is warned about (``UserWarning`` naming the
+            file) and listed in :attr:`last_skipped`. Missing paths, NaN pixels and wrong array
+            shapes still raise.
 
         Raises:
           ValueError: no images, a wrong array size or NaN/Inf pixels (when that batch is reached).
-          FileNotFoundError: a path that does not exist.
+          FileNotFoundError: a path that does not exist, a glob pattern matching no image.
+          ImageDecodeError: an undecodable image file with ``on_error="raise"``.
           ReferenceSetError: the reference set was built with another backbone.
         """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        fit = self._fit(fit)
+        skipped: list[Skipped] = []
+        self.last_skipped = skipped
+        return self._iter_scores(images, reference_set, return_maps, fit, on_error, skipped)
+
+    def _iter_scores(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        reference_set: ReferenceSet,
+        return_maps: bool,
+        fit: str,
+        on_error: str,
+        skipped: list[Skipped],
+    ) -> Iterator[ScoreResult]:
         refs = self._device_references(reference_set)
         mode = "zero_shot" if reference_set.zero_shot else ("inctrl" if self.has_heads else "training_free")
         g = self.config.vision.grid_size
         scored = 0
-        for pixels, sources, geoms in self._pixel_batches(images):
+        for pixels, sources, geoms in self._pixel_batches(images, fit, on_error, skipped):
             out = self._score_batch(pixels, len(sources), refs)
             del pixels
             for i, src in enumerate(sources):
@@ -655,6 +796,8 @@ class Detector:
                 )
             scored += len(sources)
         if scored == 0:
+            if skipped:
+                raise ValueError(f"no query image could be read: all {len(skipped)} were skipped")
             raise ValueError("no query images given")
 
     def score(
@@ -663,6 +806,8 @@ class Detector:
         reference_set: ReferenceSet,
         *,
         return_maps: bool = True,
+        fit: str | None = None,
+        on_error: str = "raise",
     ) -> list[ScoreResult]:
         """Score query images against a reference set (streamed: see :meth:`iter_scores`).
 
@@ -671,11 +816,16 @@ class Detector:
             ``[N, S, S, 3]`` array.
           reference_set: from :meth:`build_reference_set` (or :meth:`zero_shot_reference_set`).
           return_maps: keep the full-size ``anomaly_map`` of every image (``False`` for huge runs).
+          fit: ``"crop"`` or ``"pad"`` for this call (default: the detector's ``fit``).
+          on_error: ``"raise"`` or ``"skip"`` (undecodable files left out, listed in
+            :attr:`last_skipped`); see :meth:`iter_scores`.
 
         Returns:
-          One :class:`ScoreResult` per image, in input order.
+          One :class:`ScoreResult` per image scored, in input order.
         """
-        return list(self.iter_scores(images, reference_set, return_maps=return_maps))
+        return list(
+            self.iter_scores(images, reference_set, return_maps=return_maps, fit=fit, on_error=on_error)
+        )
 
     def _upsample(self, grid: np.ndarray, geometry: Any) -> np.ndarray:
         s = self.image_size
