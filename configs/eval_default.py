@@ -34,14 +34,14 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # Comma-separated JSON files: train = the pool of normal references, test = the test images.
     c.json = ml_collections.ConfigDict({"train": "", "test": ""})
-    c.on_error = "skip"  # unreadable files: skip (listed in failed_images.txt of the report) or raise
+    c.on_error = "skip"  # unreadable files: skip (listed in failed_images.txt) or raise; also for predict
     c.dataset = ""  # name in the results path; default: the folder name
     c.categories = ""  # comma-separated; empty = every category found
     c.max_test_per_class = 0  # 0 = all test images; else at most this many normal and anomalous
     c.subsample_seed = 0
 
     # Few-shot protocol.
-    c.k_shots = "2,4,8"
+    c.k_shots = "2,4,8"  # 0 = zero-shot (text prior alone, mode zero_shot)
     c.seeds = "0,1,2"
 
     # Model. checkpoint: our model directory or an official InCTRL checkpoint.pyth (backbone + heads,
@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
             "references": "",  # folder/glob of normal images, or a saved reference set (<output_dir>/reference_set)
             "inputs": "",  # image, folder or glob
             "category": "",  # object name for the text prior
+            "k": 8,  # references drawn (seeded) from `references`; 0 = zero-shot; -1 = all of them
+            "seed": 0,  # seed of that draw (recorded in <output_dir>/predict_meta.json)
             "threshold": -1.0,  # < 0: choose on validation_dir (or no decision)
             "validation_dir": "",
             "quantile": 0.99,

@@ -3,7 +3,7 @@
 # (sample_data/, MVTec AD transistor) with the paper backbone ViT-B-16-plus-240 from the hub.
 #
 # Offline? Pass the backbone weights file (open_clip_pytorch_model.bin from the hub repo
-# timm/vit_base_patch16_plus_240.laion400m_e32, or vit_b_16_plus_240-laion400m_e32-*.pt):
+# timm/vit_base_patch16_plus_clip_240.laion400m_e32, or vit_b_16_plus_240-laion400m_e32-*.pt):
 #   bash scripts/run_sample.sh --config.weights=/path/to/open_clip_pytorch_model.bin
 # Without weights the job still runs, as a pipeline check with random weights, and every output
 # is marked NOT A REAL RESULT. Extra arguments go to evaluate.py (e.g. --config.k_shots=2,4).

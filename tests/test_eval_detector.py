@@ -71,7 +71,7 @@ def test_official_checkpoint_with_heads_evaluates_like_the_official_code(tmp_pat
 
     cat_dir = report.categories["transistor"].dir
     meta = json.loads((cat_dir / "meta.json").read_text())
-    assert meta["mode"] == "trained" and meta["real_result"] is True
+    assert meta["mode"] == "inctrl" and meta["real_result"] is True
     assert (
         "TRAINING-FREE" not in meta["label"] and "TRAINING-FREE" not in (cat_dir / "metrics.md").read_text()
     )
@@ -151,12 +151,12 @@ def _check_report(report, category: str, train: list[Path], n_images: int, masks
     for run in rep.runs:
         assert run.n_images == n_images
         assert ("pixel_auroc" in run.metrics) == masks
-    assert json.loads((rep.dir / "meta.json").read_text())["mode"] == "training-free"
+    assert json.loads((rep.dir / "meta.json").read_text())["mode"] == "training_free"
 
 
 def test_folder_layout_through_the_config(tmp_path, monkeypatch, detector):
     files = _glass_subset(tmp_path / "d")
-    info = RunInfo("m", "training-free", "tiny", "random")
+    info = RunInfo("m", "training_free", "tiny", "random")
     monkeypatch.setattr(cli, "build_detector", lambda cfg: cli.Built(detector, info))
     cfg = eval_tiny.get_config()
     cfg.layout = "folder"
@@ -180,7 +180,7 @@ def test_json_and_visa_layouts(tmp_path, detector):
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "test_val.json").write_text(json.dumps(test))
     settings = EvalSettings((2,), (0, 1), heatmap_limit=1, progress=False)
-    info = RunInfo("m", "training-free", "tiny", "random")
+    info = RunInfo("m", "training_free", "tiny", "random")
     spec = DataSpec(
         "json", train_json=[str(tmp_path / "train.json")], test_json=[str(tmp_path / "test_val.json")]
     )
@@ -208,7 +208,7 @@ def test_json_and_visa_layouts(tmp_path, detector):
 
 
 def test_unknown_layout_and_missing_settings_name_the_flag(tmp_path, detector):
-    info = RunInfo("m", "training-free", "tiny", "random")
+    info = RunInfo("m", "training_free", "tiny", "random")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
     with pytest.raises(ValueError, match="--config.layout='coco'"):
         evaluate_dataset(detector, DataSpec("coco", root=str(tmp_path)), "x", info, tmp_path, settings)

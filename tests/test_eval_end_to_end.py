@@ -49,7 +49,7 @@ def test_evaluation_writes_every_report_and_metrics_match_sklearn(
 ):
     # One compiled tiny detector for all four datasets keeps this fast; the config path that builds
     # the detector is exercised by test_cli_builds_the_tiny_backbone_from_the_config.
-    info = RunInfo("inctrl-tiny-random", "training-free", "tiny", "random", real_result=False, notice="tiny")
+    info = RunInfo("inctrl-tiny-random", "training_free", "tiny", "random", real_result=False, notice="tiny")
     monkeypatch.setattr(cli, "build_detector", lambda cfg: cli.Built(detector, info))
     cfg = eval_tiny.get_config()
     cfg.dataset_root = str(DATA / dataset)
@@ -73,7 +73,7 @@ def test_evaluation_writes_every_report_and_metrics_match_sklearn(
 
     meta = json.loads((cat_dir / "meta.json").read_text())
     assert meta["real_result"] is False and "NOT A REAL RESULT" in meta["label"]
-    assert meta["mode"] == "training-free" and meta["package_version"]
+    assert meta["mode"] == "training_free" and meta["package_version"]
     assert "TRAINING-FREE" in (cat_dir / "metrics.md").read_text()
     assert json.loads((cat_dir / "config.json").read_text())["k_shots"] == "2"
 
@@ -153,7 +153,7 @@ def _mini_category(root: Path, n_ref: int = 2, normals: int = 2, anomalous: int 
 
 def test_single_class_category_reports_nan_with_a_warning(tmp_path, detector):
     _mini_category(tmp_path / "data", normals=3, anomalous=0)
-    info = RunInfo("m", "training-free", "tiny", "random", real_result=False, notice="test")
+    info = RunInfo("m", "training_free", "tiny", "random", real_result=False, notice="test")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
     report = evaluate_dataset(detector, tmp_path / "data", "mini", info, tmp_path / "out", settings, {})
     rep = report.categories["glass"]
@@ -174,7 +174,7 @@ def test_unreadable_images_are_reported_and_a_fully_broken_category_does_not_sto
     (broken / "train" / "good").mkdir(parents=True)
     (broken / "test" / "good").mkdir(parents=True)
     (broken / "test" / "good" / "x.png").write_bytes(b"")
-    info = RunInfo("m", "training-free", "tiny", "random")
+    info = RunInfo("m", "training_free", "tiny", "random")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
     report = evaluate_dataset(detector, data, "mini", info, tmp_path / "out", settings, {})
     assert "broken" in report.problems and "failed to load" in report.problems["broken"]
@@ -187,7 +187,7 @@ def test_unreadable_images_are_reported_and_a_fully_broken_category_does_not_sto
 
 def test_second_evaluation_gets_a_new_version_and_latest_moves(tmp_path, detector):
     _mini_category(tmp_path / "data", normals=1, anomalous=1)
-    info = RunInfo("m", "training-free", "tiny", "random")
+    info = RunInfo("m", "training_free", "tiny", "random")
     settings = EvalSettings((2,), (0,), heatmap_limit=0, progress=False)
     for _ in range(2):
         evaluate_dataset(detector, tmp_path / "data", "mini", info, tmp_path / "out", settings, {})

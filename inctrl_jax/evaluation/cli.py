@@ -6,21 +6,84 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from inctrl_jax.clip.model import CLIPConfig
 from inctrl_jax.evaluation.report import RunInfo, sha256_file
 from inctrl_jax.evaluation.runner import DataSpec, EvalSettings, evaluate_dataset
-from inctrl_jax.evaluation.scorer import TRAINING_FREE, score_mode, tiny_clip_config
+from inctrl_jax.evaluation.scorer import (
+    TRAINING_FREE,
+    ZERO_SHOT,
+    is_real_result,
+    score_mode,
+    tiny_clip_config,
+)
 from inctrl_jax.model import checkpoint as ckpt
 from inctrl_jax.model.detector import Detector
 
 log = logging.getLogger("inctrl_jax.evaluation")
 
+RANDOM_BACKBONE_NOTICE = "trained on a randomly initialised backbone"
+EXIT_INCOMPLETE = 1
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """A problem the user can fix (config value, flag, file); shown as one message, no traceback."""
+
+
+# Exceptions that ``evaluate.py`` reports as one message (exit 2); anything else keeps its traceback.
+# ValueError covers the project's own DataError, ImageDecodeError, ConversionError,
+# CheckpointMismatchError and ReferenceSetError, whose messages name the file or setting.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def user_message(err: BaseException) -> str:
+    """One line (or a few) for a user error, without Python's exception chain."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, UserError):
+        return text
+    return f"{text} ({type(err).__name__}; run with --verbose for the traceback)"
+
+
+def fail(message: str, status: int = EXIT_USER_ERROR) -> None:
+    """Print ``error: <message>`` on stderr and exit with ``status`` (2: user error)."""
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def exit_status(outcome: Any) -> int:
+    """0 when every requested run was done, 1 when a category or a (K, seed) run could not be."""
+    reports = outcome if isinstance(outcome, list) else []
+    incomplete = [r for r in reports if getattr(r, "complete", True) is False]
+    for r in incomplete:
+        missing = [f"{c} K={m['k']} seed={m['seed']}" for c, runs in r.missing_runs.items() for m in runs]
+        print(
+            "evaluate.py: NOT ALL REQUESTED RUNS WERE DONE (partial results in "
+            f"{r.dir}): " + "; ".join([*(f"{c}: {p}" for c, p in r.problems.items()), *missing]),
+            file=sys.stderr,
+        )
+    return EXIT_INCOMPLETE if incomplete else 0
+
 
 def setup_logging() -> None:
-    """Plain one-line-per-stage messages on stderr."""
+    """Plain one-line-per-stage messages on stderr; start-up noise of jax/absl/transformers hidden."""
+    for noisy in ("jax._src.xla_bridge", "absl", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover - absl is a dependency
+        pass
     logger = logging.getLogger("inctrl_jax")
     if not any(getattr(h, "_inctrl", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -38,10 +101,120 @@ def ints(value: Any, flag: str) -> list[int]:
     parts = [p for p in value.replace(" ", "").split(",") if p] if isinstance(value, str) else list(value)
     try:
         return [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(
+    except (TypeError, ValueError):
+        raise UserError(
             f"--config.{flag} must be comma-separated integers such as 2,4,8; got {value!r}"
         ) from None
+
+
+def _int(value: Any, flag: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"--config.{flag} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pyth", ".safetensors", ".ckpt", ".npz")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` (no leading ``/``, ``.`` or ``~``, no weights-file suffix)."""
+    parts = text.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not text.startswith((".", "~"))
+        and not text.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+
+
+def _backbone_layers(cfg) -> int | None:
+    """Vision layers of the configured backbone, when known without loading a checkpoint."""
+    if cfg.checkpoint and Path(cfg.checkpoint).expanduser().is_dir():
+        return None  # the saved model's own architecture; checked once it is loaded
+    if cfg.backbone == "tiny":
+        return int(cfg.tiny.layers)
+    from inctrl_jax.clip.registry import BACKBONES
+
+    if cfg.backbone not in BACKBONES:
+        raise UserError(
+            f"--config.backbone={cfg.backbone!r} is neither a registered backbone ({', '.join(BACKBONES)}) "
+            "nor 'tiny'"
+        )
+    return BACKBONES[cfg.backbone].config.vision.layers
+
+
+def check_tap_layers(taps: Sequence[int], layers: int, source: str = "the backbone") -> None:
+    bad = [t for t in taps if not 1 <= t <= layers]
+    if bad:
+        raise UserError(
+            f"--config.tap_layers={','.join(map(str, taps))}: {bad} outside 1..{layers} "
+            f"({source} has {layers} vision layers)"
+        )
+
+
+def validate_config(cfg, command: str = "test") -> None:
+    """Check every setting before any model is built or image read; errors name the flag.
+
+    Raises:
+        UserError: a value out of range or of the wrong type, or a missing file.
+    """
+    from inctrl_jax.evaluation.runner import LAYOUTS
+
+    if cfg.layout not in LAYOUTS:
+        raise UserError(f"--config.layout={cfg.layout!r} is not supported; use one of {', '.join(LAYOUTS)}")
+    if cfg.on_error not in ("raise", "skip"):
+        raise UserError(f"--config.on_error={cfg.on_error!r} is not supported; use 'raise' or 'skip'")
+    if command == "test":
+        k_shots = ints(cfg.k_shots, "k_shots")
+        if not k_shots or any(k < 0 for k in k_shots):
+            raise UserError(
+                f"--config.k_shots must be integers >= 0 (0 = zero-shot, text prior only); got {cfg.k_shots!r}"
+            )
+        seeds = ints(cfg.seeds, "seeds")
+        if not seeds or any(s < 0 for s in seeds):
+            raise UserError(f"--config.seeds must be non-negative integers such as 0,1,2; got {cfg.seeds!r}")
+        _int(cfg.max_test_per_class, "max_test_per_class", 0)
+        _int(cfg.subsample_seed, "subsample_seed", 0)
+        if not 0.0 < float(cfg.fpr_limit) <= 1.0:
+            raise UserError(f"--config.fpr_limit must be in (0, 1]; got {cfg.fpr_limit!r}")
+    else:
+        p = cfg.predict
+        _int(p.k, "predict.k", -1)
+        _int(p.seed, "predict.seed", 0)
+        if not 0.0 < float(p.quantile) < 1.0:
+            raise UserError(f"--config.predict.quantile must be in (0, 1); got {p.quantile!r}")
+    _int(cfg.batch_size, "batch_size", 1)
+    _int(cfg.heatmap_limit, "heatmap_limit", -1)
+    if cfg.backbone == "tiny":
+        t = cfg.tiny
+        for key in ("image_size", "patch_size", "width", "layers", "heads", "text_layers", "text_heads"):
+            _int(t[key], f"tiny.{key}", 1)
+        for key in ("mlp_dim", "embed_dim", "text_width", "text_mlp_dim", "seed"):
+            _int(t[key], f"tiny.{key}", 0)
+        if t.width % t.heads:
+            raise UserError(f"--config.tiny.heads={t.heads} must divide --config.tiny.width={t.width}")
+        text_width = t.text_width or t.width
+        if text_width % t.text_heads:
+            raise UserError(
+                f"--config.tiny.text_heads={t.text_heads} must divide the text width {text_width} "
+                "(--config.tiny.text_width, default --config.tiny.width)"
+            )
+        if t.image_size % t.patch_size:
+            raise UserError(
+                f"--config.tiny.patch_size={t.patch_size} must divide --config.tiny.image_size={t.image_size}"
+            )
+    layers = _backbone_layers(cfg)
+    if cfg.tap_layers and layers is not None:
+        check_tap_layers(ints(cfg.tap_layers, "tap_layers"), layers, f"backbone {cfg.backbone!r}")
+    if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().exists():
+        raise UserError(f"--config.checkpoint={cfg.checkpoint}: no such file or directory")
+    if cfg.weights and not cfg.checkpoint:
+        path = Path(cfg.weights).expanduser()
+        if not path.exists() and not looks_like_hub_id(cfg.weights):
+            raise UserError(
+                f"--config.weights={cfg.weights}: no such file or directory (an explicitly given weights "
+                "path is never replaced by random weights)"
+            )
 
 
 @dataclasses.dataclass
@@ -93,6 +266,7 @@ def build_detector(cfg) -> Built:
         if path.is_dir():
             weights = ckpt.load_model(path)
             if taps_override:
+                check_tap_layers(taps_override, weights.config.vision.layers, f"the model in {path}")
                 weights = dataclasses.replace(weights, tap_layers=taps_override)
             detector = Detector(weights, **kwargs)
         else:
@@ -100,6 +274,7 @@ def build_detector(cfg) -> Built:
             detector = Detector.from_checkpoint(
                 path, config=arch, tap_layers=taps_override or ckpt.DEFAULT_TAP_LAYERS, **kwargs
             )
+        real = is_real_result(detector)
         info = _info(
             detector,
             model=f"inctrl-{path.stem}",
@@ -107,8 +282,15 @@ def build_detector(cfg) -> Built:
             weights=f"checkpoint {cfg.checkpoint}",
             checkpoint=str(path.resolve()),
             checkpoint_sha256=sha256_file(path) if path.is_file() else _dir_hash(path),
+            real_result=real,
+            notice="" if real else RANDOM_BACKBONE_NOTICE,
+            details=""
+            if real
+            else f"the checkpoint's provenance says its backbone was random: {_provenance(detector)}",
         )
         log.info("loaded checkpoint %s (%s score, backbone %s)", path, info.mode, detector.backbone_id)
+        if not real:
+            log.warning("NOT A REAL RESULT: %s (%s)", RANDOM_BACKBONE_NOTICE, path)
         if not detector.has_heads:
             log.warning("the checkpoint has no trained heads: the score is TRAINING-FREE")
         return Built(detector, info)
@@ -145,7 +327,7 @@ def build_detector(cfg) -> Built:
         )
         info = _info(
             detector,
-            model=f"inctrl-{cfg.backbone}-training-free",
+            model=f"inctrl-{cfg.backbone}-{TRAINING_FREE}",
             backbone=cfg.backbone,
             weights=cfg.weights or f"hub {backbone.weights[cfg.tag or backbone.default_tag][0]}",
             checkpoint=str(Path(cfg.weights).resolve()) if cfg.weights else None,
@@ -155,8 +337,13 @@ def build_detector(cfg) -> Built:
         )
     except Exception as err:
         hint = _weights_hint(cfg.backbone, cfg.tag)
+        if cfg.weights:
+            raise UserError(
+                f"--config.weights={cfg.weights}: could not load the backbone weights ({type(err).__name__}: "
+                f"{err}); an explicitly given weights file is never replaced by random weights"
+            ) from err
         if not cfg.allow_random_weights:
-            raise RuntimeError(
+            raise UserError(
                 f"could not load the backbone weights from {source!r}: {err}\nTo fix: {hint}"
             ) from err
         notice = f"pipeline check with RANDOMLY INITIALISED weights ({cfg.backbone} weights not available)"
@@ -172,13 +359,17 @@ def build_detector(cfg) -> Built:
     return Built(detector, info)
 
 
+def _provenance(detector) -> Any:
+    return getattr(detector, "provenance", None) or getattr(detector.weights, "provenance", None)
+
+
 def _registry_config(name: str) -> CLIPConfig:
     from inctrl_jax.clip.registry import get_backbone
 
     try:
         return get_backbone(name).config
     except KeyError as err:
-        raise ValueError(
+        raise UserError(
             f"--config.backbone={name!r} is neither a registered backbone nor 'tiny'; it names the "
             f"architecture of the official checkpoint ({err.args[0]})"
         ) from None
@@ -239,12 +430,16 @@ def data_spec_from(cfg) -> DataSpec:
     elif layout == "json":
         spec.train_json, spec.test_json = _list(cfg.json.train), _list(cfg.json.test)
     elif layout == "mvtec" and not cfg.dataset_root:
-        raise ValueError("set --config.dataset_root to a dataset folder in the MVTec layout")
+        raise UserError("set --config.dataset_root to a dataset folder in the MVTec layout")
     return spec
 
 
 def run_evaluation(cfg) -> list[Any]:
-    """Evaluate the dataset of ``cfg`` (any supported layout); returns the dataset reports (one)."""
+    """Evaluate the dataset of ``cfg`` (any supported layout); returns the dataset reports (one).
+
+    The config is validated before the model is built or any image read.
+    """
+    validate_config(cfg, "test")
     spec = data_spec_from(cfg)
     settings = EvalSettings(
         k_shots=ints(cfg.k_shots, "k_shots"),
@@ -258,9 +453,11 @@ def run_evaluation(cfg) -> list[Any]:
     )
     built = build_detector(cfg)
     if built.info.mode == TRAINING_FREE:
-        log.info("score: TRAINING-FREE (patch residual + text prior, no trained heads)")
+        log.info("score: %s (patch residual + text prior, no trained heads)", TRAINING_FREE)
     else:
-        log.info("score: InCTRL with trained heads, (h + s_p) / 2")
+        log.info("score: %s with trained heads, (h + s_p) / 2", built.info.mode)
+    if 0 in settings.k_shots:
+        log.info("K=0: %s (text prior alone, no references)", ZERO_SHOT)
     dataset = cfg.dataset or spec.name
     log.info(
         "evaluating %s (%s layout) K=%s seeds=%s -> %s",
@@ -287,18 +484,24 @@ def run_evaluation(cfg) -> list[Any]:
 
 
 def run_predict(cfg) -> list[dict]:
+    """``evaluate.py predict``: score new images against ``predict.k`` seeded normal references."""
     from inctrl_jax.evaluation.predict import predict
 
     p = cfg.predict
     missing = [k for k in ("references", "inputs", "category") if not p[k]]
     if missing:
-        raise ValueError("set " + ", ".join(f"--config.predict.{k}" for k in missing))
+        raise UserError("set " + ", ".join(f"--config.predict.{k}" for k in missing))
+    validate_config(cfg, "predict")
     built = build_detector(cfg)
     results = predict(
         built.detector,
         p.references,
         p.inputs,
         p.category,
+        k=p.k,
+        seed=p.seed,
+        on_error=cfg.on_error,
+        real_result=built.info.real_result,
         threshold=p.threshold if p.threshold >= 0 else None,
         validation=p.validation_dir or None,
         quantile=p.quantile,
@@ -308,5 +511,7 @@ def run_predict(cfg) -> list[dict]:
     )
     for r in results:
         decision = "" if r["anomalous"] is None else ("ANOMALOUS" if r["anomalous"] else "normal")
-        print(f"{r['score']:.6f}\t{decision}\t{r['image']}")
+        print(f"{r['score']:.6f}\t{decision}\t{r['mode']}\t{r['image']}")
+    if not built.info.real_result:
+        log.warning("NOT A REAL RESULT: %s", built.info.notice)
     return results

@@ -99,13 +99,50 @@ def is_saved_reference_set(path: ImageLike | Sequence[ImageLike]) -> bool:
     return (p / META_FILE).is_file() or (p / REFERENCE_SET_DIR / META_FILE).is_file()
 
 
-def reference_set_for(detector, references: ImageLike | Sequence[ImageLike], category: str):
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # PIL raises all three for broken files
+
+
+class Failures(list):
+    """``(file, reason)`` of images left out under ``on_error="skip"``."""
+
+    def skip_or_raise(self, name: str, err: BaseException, on_error: str) -> None:
+        if on_error == "raise":
+            raise ValueError(
+                f"{name}: cannot be read ({err}); remove or replace it, or set on_error='skip' "
+                "(--config.on_error=skip) to leave unreadable images out"
+            ) from err
+        log.warning("skipping %s: %s", name, err)
+        self.append((name, str(err)))
+
+
+def reference_set_for(
+    detector,
+    references: ImageLike | Sequence[ImageLike],
+    category: str,
+    *,
+    k: int | None = None,
+    seed: int = 0,
+    on_error: str = "raise",
+    failures: Failures | None = None,
+):
     """The detector's reference set from images (paths, folders, globs, arrays) or a saved set.
 
-    A saved set must come from the same backbone; the detector refuses it otherwise.
+    Args:
+        k: draw this many references (seeded by ``seed``) from the images given; ``None`` or -1 = all
+            of them; 0 = a zero-shot set (the text prior alone).
+        on_error: ``"skip"`` an unreadable reference (the next one of the seeded order takes its
+            place; listed in ``failures``) or ``"raise"``.
+
+    A saved set must come from the same backbone; the detector refuses it otherwise (``k`` does not
+    apply to it).
     """
     from inctrl_jax.model.reference import META_FILE, ReferenceSet
 
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r} is not supported; use 'raise' or 'skip'")
+    failures = Failures() if failures is None else failures
+    if k == 0:
+        return detector.zero_shot_reference_set(category)
     if is_saved_reference_set(references):
         p = Path(references).expanduser()  # type: ignore[arg-type]
         ref_set = ReferenceSet.load(p if (p / META_FILE).is_file() else p / REFERENCE_SET_DIR)
@@ -115,32 +152,75 @@ def reference_set_for(detector, references: ImageLike | Sequence[ImageLike], cat
             ref_set.text_prototypes = detector.text_prototypes(category)
         return ref_set
     items = expand_inputs(references)
-    opened = [_open(x) for x in items]
+    want = len(items) if k is None or k < 0 else k
+    if want > len(items):
+        raise ValueError(
+            f"K={want} references requested (--config.predict.k) but only {len(items)} images were "
+            f"given in {references if isinstance(references, (str, os.PathLike)) else 'references'}; "
+            "lower K or add normal images"
+        )
+    order = range(len(items)) if want == len(items) else np.random.default_rng(seed).permutation(len(items))
+    opened: list[tuple[str | None, Any]] = []
+    for i in order:
+        if len(opened) == want:
+            break
+        try:
+            opened.append(_open(items[int(i)]))
+        except _DECODE_ERRORS as err:
+            failures.skip_or_raise(_name(items[int(i)], int(i)), err, on_error)
+    if len(opened) < want:
+        raise ValueError(
+            f"only {len(opened)} of the {len(items)} reference images could be read, K={want} needed; "
+            "see the skipped files above"
+        )
     ref_set = detector.build_reference_set([im for _, im in opened], category)
     ref_set.reference_files = [n if n is not None else f"array[{i}]" for i, (n, _) in enumerate(opened)]
     return ref_set
 
 
+def _name(item: ImageLike, index: int) -> str:
+    return f"array[{index}]" if isinstance(item, np.ndarray) else os.fspath(item)
+
+
 def score_images(
-    detector, reference_set, inputs: Sequence[ImageLike], keep_maps: bool = True
+    detector,
+    reference_set,
+    inputs: Sequence[ImageLike],
+    keep_maps: bool = True,
+    *,
+    on_error: str = "raise",
+    failures: Failures | None = None,
+    real_result: bool = True,
 ) -> list[dict[str, Any]]:
     """Score images against a reference set, one batch of the detector's size at a time.
 
     ``anomaly_map`` is at each input's own resolution (NaN on the border the centre crop removed).
+    Unreadable images are skipped (and appended to ``failures``) with ``on_error="skip"``.
     """
     out: list[dict[str, Any]] = []
+    failures = Failures() if failures is None else failures
     bs = detector.batch_size
     for start in range(0, len(inputs), bs):
-        opened = [_open(x) for x in inputs[start : start + bs]]
+        opened = []
+        for j, x in enumerate(inputs[start : start + bs]):
+            try:
+                name, image = _open(x)
+            except _DECODE_ERRORS as err:
+                failures.skip_or_raise(_name(x, start + j), err, on_error)
+                continue
+            opened.append((name if name is not None else f"array[{start + j}]", image))
+        if not opened:
+            continue
         results = detector.score([im for _, im in opened], reference_set)
-        for j, ((name, image), res) in enumerate(zip(opened, results, strict=True)):
+        for (name, image), res in zip(opened, results, strict=True):
             rec: dict[str, Any] = {
-                "image": name if name is not None else f"array[{start + j}]",
+                "image": name,
                 "score": res.score,
                 "s_p": res.s_p,
                 "s_i": None if np.isnan(res.s_i) else res.s_i,
                 "s_a": res.s_a,
-                "mode": score_mode(detector),
+                "mode": getattr(res, "mode", None) or score_mode(detector, reference_set.zero_shot),
+                "real_result": real_result,
             }
             if keep_maps:
                 rec["anomaly_map"] = res.anomaly_map
@@ -206,6 +286,10 @@ def predict(
     output_dir: str | os.PathLike | None = None,
     heatmap_limit: int = 50,
     note: str = "",
+    k: int | None = None,
+    seed: int = 0,
+    on_error: str = "raise",
+    real_result: bool = True,
 ) -> list[dict[str, Any]]:
     """Score ``inputs`` against ``references`` and decide anomalous/normal.
 
@@ -221,25 +305,38 @@ def predict(
             (``reference_set/``, reusable as ``references``) and heat maps there.
         heatmap_limit: at most this many heat-map panels (-1: all).
         note: a line written on every heat map (e.g. that the weights are random).
+        k: number of references drawn (seeded by ``seed``) from ``references``; ``None``/-1 = all,
+            0 = zero-shot (text prior alone).
+        seed: seed of the reference draw (recorded in ``predict_meta.json``).
+        on_error: unreadable images: ``"skip"`` (warned, listed in ``failed_images.txt``) or ``"raise"``.
+        real_result: False marks every output NOT A REAL RESULT (e.g. random backbone weights).
 
     Returns:
-        One dict per input: ``image``, ``score``, ``s_p``, ``s_i``, ``s_a``, ``mode``, ``threshold``,
-        ``anomalous`` (None without a threshold) and ``anomaly_map`` (at the input's resolution).
+        One dict per input: ``image``, ``score``, ``s_p``, ``s_i``, ``s_a``, ``mode``, ``real_result``,
+        ``threshold``, ``anomalous`` (None without a threshold) and ``anomaly_map`` (at the input's
+        resolution; NaN everywhere for zero-shot).
     """
-    reference_set = reference_set_for(detector, references, category)
-    mode = score_mode(detector)
+    failures = Failures()
+    reference_set = reference_set_for(
+        detector, references, category, k=k, seed=seed, on_error=on_error, failures=failures
+    )
+    mode = score_mode(detector, reference_set.zero_shot)
     log.info("reference set: %d images of %r (%s score)", reference_set.k, category, mode)
+    scoring: dict[str, Any] = {"on_error": on_error, "failures": failures, "real_result": real_result}
 
     how = "given by the user" if threshold is not None else "none (no threshold and no validation folder)"
     if threshold is None and validation is not None:
         val_paths, val_labels = _validation_set(validation)
         val_scores = [
-            r["score"] for r in score_images(detector, reference_set, list(val_paths), keep_maps=False)
+            r["score"]
+            for r in score_images(detector, reference_set, list(val_paths), keep_maps=False, **scoring)
         ]
         threshold, how = choose_threshold(val_scores, val_labels, quantile)
         log.info("threshold %.6f: %s", threshold, how)
 
-    results = score_images(detector, reference_set, expand_inputs(inputs))
+    results = score_images(detector, reference_set, expand_inputs(inputs), **scoring)
+    if not results:
+        raise ValueError(f"none of the input images could be read ({len(failures)} skipped)")
     for r in results:
         r["threshold"] = threshold
         r["anomalous"] = None if threshold is None else bool(r["score"] >= threshold)
@@ -250,16 +347,33 @@ def predict(
         out.mkdir(parents=True, exist_ok=True)
         reference_set.save(out / REFERENCE_SET_DIR)
         (out / "threshold.json").write_text(
-            json.dumps({"threshold": threshold, "how": how, "mode": mode, "note": note}, indent=2)
+            json.dumps(
+                {"threshold": threshold, "how": how, "mode": mode, "real_result": real_result, "note": note},
+                indent=2,
+            )
         )
+        meta = {
+            "category": category,
+            "mode": mode,
+            "real_result": real_result,
+            "note": note,
+            "k": reference_set.k,
+            "k_requested": k,
+            "seed": seed,
+            "references": list(reference_set.reference_files),
+            "failed_images": len(failures),
+        }
+        (out / "predict_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if failures:
+            (out / "failed_images.txt").write_text("".join(f"{p}\t{r}\n" for p, r in failures))
         with open(out / "predictions.jsonl", "w") as f:
             for r in results:
                 f.write(
                     json.dumps({k: v for k, v in r.items() if k not in ("anomaly_map", "_display")}) + "\n"
                 )
-        heat = HeatmapWriter(out / "heatmaps", heatmap_limit, note=note)
+        heat = HeatmapWriter(out / "heatmaps", 0 if reference_set.zero_shot else heatmap_limit, note=note)
         for i, r in enumerate(results):
-            if heat.full:
+            if heat.full or reference_set.zero_shot:  # zero-shot: no residual map to show
                 break
             stem = Path(r["image"]).stem if not r["image"].startswith("array[") else f"array_{i}"
             heat.add(
@@ -273,4 +387,10 @@ def predict(
         log.info("predictions written to %s", out)
     for r in results:
         r.pop("_display", None)
+    if failures:
+        log.warning(
+            "%d images could not be read and were left out%s",
+            len(failures),
+            f"; listed in {Path(output_dir) / 'failed_images.txt'}" if output_dir is not None else "",
+        )
     return results

@@ -1,6 +1,6 @@
 """Versioned result folders that make every reported number reproducible.
 
-Layout (``model`` names the scorer, e.g. ``inctrl-ViT-B-16-plus-240-training-free``)::
+Layout (``model`` names the scorer, e.g. ``inctrl-ViT-B-16-plus-240-training_free``)::
 
     results/<model>/<dataset>/<category>/v<N>/       one evaluation of one category
         meta.json          package version, backbone id, checkpoint path + sha256, mode, notice
@@ -160,6 +160,8 @@ class RunResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     reference_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     """How the references were chosen (``source``) and the backbone id their features came from."""
+    mode: str = ""
+    """The Detector's mode of this run (``"zero_shot"`` for K = 0); empty = the evaluation's mode."""
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -176,6 +178,9 @@ def summarise_over_seeds(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     for k in sorted({r.k for r in runs}):
         of_k = [r for r in runs if r.k == k]
         row: dict[str, Any] = {"k": k, "n_seeds": len(of_k), "seeds": [r.seed for r in of_k]}
+        modes = sorted({r.mode for r in of_k if r.mode})
+        if modes:
+            row["mode"] = ",".join(modes)
         for name in METRIC_NAMES:
             if not any(name in r.metrics for r in of_k):
                 continue  # not computed for this category (e.g. pixel metrics without masks)
@@ -193,11 +198,12 @@ def _fmt(mean: float, std: float | None = None) -> str:
 def markdown_table(title: str, label: str, rows: Sequence[Mapping[str, Any]], first: str = "k") -> str:
     """Markdown for summary rows (``<metric>_mean`` / ``_std`` keys); ``label`` heads the table."""
     metrics = [m for m in METRIC_NAMES if any(f"{m}_mean" in r for r in rows)]
-    head = [first, "seeds", *metrics]
+    with_mode = any("mode" in r for r in rows)
+    head = [first, *(["mode"] if with_mode else []), "seeds", *metrics]
     lines = [f"### {title}", "", f"**{label}**", "", "| " + " | ".join(head) + " |"]
     lines.append("|" + "---|" * len(head))
     for r in rows:
-        cells = [str(r[first]), str(r.get("n_seeds", ""))]
+        cells = [str(r[first]), *([str(r.get("mode", ""))] if with_mode else []), str(r.get("n_seeds", ""))]
         cells += [_fmt(r.get(f"{m}_mean", math.nan), r.get(f"{m}_std")) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -210,7 +216,7 @@ class RunInfo:
     """What identifies the scorer of an evaluation; written to every ``meta.json``."""
 
     model: str
-    mode: str  # "trained" or "training-free"
+    mode: str  # the Detector's mode name: "inctrl" (trained heads) or "training_free"
     backbone: str
     weights: str
     checkpoint: str | None = None
@@ -227,7 +233,7 @@ class RunInfo:
     def label(self) -> str:
         """The one-line label put on every table, file and heat map of this evaluation."""
         parts = [f"model {self.model}", f"mode {self.mode}", f"backbone {self.backbone} ({self.weights})"]
-        if self.mode == "training-free":
+        if self.mode == "training_free":
             parts.append("TRAINING-FREE score: patch residual + text prior only, no trained heads")
         if not self.real_result:
             parts.append("NOT A REAL RESULT: " + (self.notice or "pipeline check"))
@@ -258,6 +264,8 @@ class CategoryReport:
         self.runs: list[RunResult] = []
         self.failed: list[tuple[str, str]] = []
         self.notes: list[str] = []
+        self.missing_runs: list[dict[str, Any]] = []
+        """Requested (K, seed) runs that could not be done, with the reason."""
         write_json(self.dir / "meta.json", {**info.meta(), "dataset": dataset, "category": category})
         write_json(self.dir / "config.json", config)
         self._write_summary()
@@ -270,10 +278,18 @@ class CategoryReport:
         self.notes.append(note)
         self._write_summary()
 
+    def add_missing_run(self, k: int, seed: int, reason: str) -> None:
+        """A requested run that could not be done (the process exits non-zero at the end)."""
+        self.missing_runs.append({"k": k, "seed": seed, "reason": reason})
+        self._write_summary()
+
     def add_run(self, run: RunResult, scores: Sequence[ImageScore]) -> None:
         stem = f"scores_k{run.k}_seed{run.seed}"
-        rows = [{"category": self.category, "k": run.k, "seed": run.seed, **s.row()} for s in scores]
-        write_csv(self.dir / f"{stem}.csv", rows, ["category", "k", "seed", *SCORE_COLUMNS])
+        marker = {"mode": run.mode or self.info.mode, "real_result": self.info.real_result}
+        rows = [
+            {"category": self.category, "k": run.k, "seed": run.seed, **marker, **s.row()} for s in scores
+        ]
+        write_csv(self.dir / f"{stem}.csv", rows, ["category", "k", "seed", *marker, *SCORE_COLUMNS])
         write_jsonl(self.dir / f"{stem}.jsonl", rows)
         self.runs.append(run)
         self._write_summary()
@@ -286,6 +302,7 @@ class CategoryReport:
         write_json(self.dir / "references.json", refs)
         run_rows = [
             {
+                "mode": r.mode or self.info.mode,
                 "category": self.category,
                 "k": r.k,
                 "seed": r.seed,
@@ -310,12 +327,13 @@ class CategoryReport:
                 "summary": summary,
                 "warnings": sorted({w for r in self.runs for w in r.warnings}),
                 "notes": self.notes,
+                "missing_runs": self.missing_runs,
                 "failed_images": len(self.failed),
             },
         )
         write_csv(
             self.dir / "metrics.csv",
-            [{"mode": self.info.mode, "real_result": self.info.real_result, **r} for r in run_rows],
+            [{"real_result": self.info.real_result, **r} for r in run_rows],
             [
                 "mode",
                 "real_result",
@@ -330,7 +348,10 @@ class CategoryReport:
             ],
         )
         self.markdown = markdown_table(f"{self.dataset} / {self.category}", self.info.label, summary)
-        extra = "".join(f"\n- {n}" for n in self.notes + sorted({w for r in self.runs for w in r.warnings}))
+        missing = [f"NOT DONE: K={m['k']} seed={m['seed']}: {m['reason']}" for m in self.missing_runs]
+        extra = "".join(
+            f"\n- {n}" for n in missing + self.notes + sorted({w for r in self.runs for w in r.warnings})
+        )
         (self.dir / "metrics.md").write_text(self.markdown + (f"\nNotes:{extra}\n" if extra else ""))
 
 
@@ -359,6 +380,16 @@ class DatasetReport:
     def add_problem(self, category: str, problem: str) -> None:
         self.problems[category] = problem
         self.write()
+
+    @property
+    def missing_runs(self) -> dict[str, list[dict[str, Any]]]:
+        """Per category, the requested runs that could not be done."""
+        return {c: r.missing_runs for c, r in self.categories.items() if r.missing_runs}
+
+    @property
+    def complete(self) -> bool:
+        """Whether every requested category, K and seed was evaluated."""
+        return not self.problems and not self.missing_runs
 
     def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(per-category rows, per-K dataset rows)."""
@@ -405,6 +436,8 @@ class DatasetReport:
                 "dataset_mean": per_k,
                 "category_folders": {c: str(r.dir) for c, r in self.categories.items()},
                 "problems": self.problems,
+                "missing_runs": self.missing_runs,
+                "complete": self.complete,
                 "failed_images": len(self.failed),
             },
         )
@@ -421,5 +454,7 @@ class DatasetReport:
             md += "\n" + markdown_table(f"{self.dataset} / {c}", self.info.label, rep.summary_rows())
         if self.problems:
             md += "\nProblems:\n" + "".join(f"- {c}: {p}\n" for c, p in self.problems.items())
+        for c, runs in self.missing_runs.items():
+            md += "".join(f"- NOT DONE: {c} K={m['k']} seed={m['seed']}: {m['reason']}\n" for m in runs)
         (self.dir / "metrics.md").write_text(md)
         return md

@@ -29,6 +29,7 @@ from inctrl_jax.data import DataError, Dataset, Sample, Skipped, select_referenc
 from inctrl_jax.evaluation import metrics as M
 from inctrl_jax.evaluation.heatmaps import HeatmapWriter, select_panels
 from inctrl_jax.evaluation.report import CategoryReport, DatasetReport, ImageScore, RunInfo, RunResult
+from inctrl_jax.evaluation.scorer import score_mode
 
 log = logging.getLogger("inctrl_jax.evaluation")
 
@@ -97,8 +98,19 @@ def _logged_scan(fn: Callable[[], Dataset]) -> tuple[Dataset | None, list[str], 
             ds, err = None, e
     messages = [str(w.message) for w in caught]
     for m in messages:
-        log.warning("%s", m)
+        log.warning("%s", _reworded(m))
     return ds, messages, err
+
+
+_NO_MASK = "anomalous image has no mask"
+
+
+def _reworded(message: str) -> str:
+    """The data layer says "skipping <image>: anomalous image has no mask"; the image is kept."""
+    if _NO_MASK in message:
+        body = message.removeprefix("skipping ")
+        return f"{body}: it is scored and counts in the image metrics; only the pixel metrics leave it out"
+    return message
 
 
 def _attribute(skipped: Sequence[Skipped], categories: Sequence[str]) -> dict[str, list[Skipped]]:
@@ -338,8 +350,17 @@ def evaluate_category(
         settings: K, seeds, subsampling, heat maps.
         skipped: files of this category the reader left out (listed in failed_images.txt).
     """
+    sample_paths = {s.path for s in dataset.samples if s.category == category}
+    # An anomalous image without a mask is kept (scored, image metrics); only pixel metrics leave it out.
+    without_mask = [x for x in skipped if x.path in sample_paths]
+    skipped = [x for x in skipped if x.path not in sample_paths]
     for left_out in skipped:
         report.add_failed(left_out.path, left_out.reason)
+    if without_mask:
+        report.add_note(
+            f"{len(without_mask)} anomalous images have no mask: they are scored and count in the image "
+            "metrics, and are excluded from the pixel metrics only"
+        )
     samples = [s for s in dataset.samples if s.category == category and s.split == "test"]
     samples = subsample(samples, settings.max_test_per_class, settings.subsample_seed)
     n_norm = sum(s.label == 0 for s in samples)
@@ -369,17 +390,32 @@ def evaluate_category(
     has_masks = any(x.mask is not None for x in loaded)
     grid = detector.config.vision.grid_size
     for k in settings.k_shots:
-        for seed in settings.seeds:
-            try:
-                chosen = select_references(dataset, category, k, seed)
-            except DataError as err:
-                note = f"K={k} skipped: {err}"
-                if note not in report.notes:
-                    report.add_note(note)
-                    log.warning("%s: %s", category, note)
-                continue
+        zero_shot = k == 0
+        if zero_shot:
+            report.add_note(
+                "K=0 is zero-shot (mode zero_shot): the text prior alone scores each image, no references "
+                "and no residual map, so no pixel metrics or heat maps; it is run once (the first seed)"
+            )
+        for seed in settings.seeds[:1] if zero_shot else settings.seeds:
+            if zero_shot:
+                reference_set = detector.zero_shot_reference_set(category)
+                chosen_paths: list[str] = []
+                reference_info: dict[str, Any] = {"source": "zero-shot: no references"}
+            else:
+                try:
+                    chosen = select_references(dataset, category, k, seed)
+                except DataError as err:
+                    report.add_missing_run(k, seed, str(err))
+                    log.error("%s K=%d seed=%d cannot be run: %s", category, k, seed, err)
+                    continue
+                reference_set = detector.build_reference_set(list(chosen.paths), category)
+                chosen_paths = list(chosen.paths)
+                reference_info = {"source": chosen.source}
+            reference_info["backbone"] = reference_set.backbone
+            mode = score_mode(detector, zero_shot)
             t0 = time.perf_counter()
-            reference_set = detector.build_reference_set(list(chosen.paths), category)
+            t_first: float | None = None  # the end of the first batch (it includes compilation)
+            n_first = 0
 
             scores: list[ImageScore] = []
             maps: list[np.ndarray] = []
@@ -390,9 +426,12 @@ def evaluate_category(
                 chunk = loaded[start : start + bs]
                 out = detector.predict(np.stack([x.pixels for x in chunk]), reference_set)
                 for j, x in enumerate(chunk):
-                    maps.append(
-                        map_at_original(np.asarray(out.residual_map[j]).reshape(grid, grid), x.geometry)
-                    )
+                    if zero_shot:
+                        maps.append(np.zeros((x.geometry.orig_h, x.geometry.orig_w), np.float32))
+                    else:
+                        maps.append(
+                            map_at_original(np.asarray(out.residual_map[j]).reshape(grid, grid), x.geometry)
+                        )
                     s = x.sample
                     scores.append(
                         ImageScore(
@@ -406,16 +445,26 @@ def evaluate_category(
                             float(out.s_a[j]),
                         )  # fmt: skip
                     )
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(img_s=f"{len(scores) / (time.perf_counter() - t0):.2f}")
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first, n_first = now, len(scores)
+                elif hasattr(bar, "set_postfix"):
+                    bar.set_postfix(img_s=f"{(len(scores) - n_first) / (now - t_first):.2f}")
             seconds = time.perf_counter() - t0
+            # Throughput without the first batch, which includes compilation.
+            steady = (
+                (len(loaded) - n_first) / (time.perf_counter() - t_first)
+                if t_first is not None and len(loaded) > n_first
+                else math.nan
+            )
 
-            _write_heatmaps(report, loaded, scores, maps, has_masks, category, k, seed, settings)
+            if not zero_shot:
+                _write_heatmaps(report, loaded, scores, maps, has_masks, category, k, seed, settings)
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", M.UndefinedMetricWarning)
                 values = M.image_metrics(labels, [s.score for s in scores])
-                if has_masks:
+                if has_masks and not zero_shot:
                     # Normal images have an all-zero mask; anomalous ones without a mask file are left out.
                     idx = [i for i, x in enumerate(loaded) if x.mask is not None or x.sample.label == 0]
                     masks = [
@@ -432,13 +481,17 @@ def evaluate_category(
                 log.warning("%s: %s", category, w)
             run = RunResult(
                 k, seed, values, len(loaded), int((labels == 0).sum()), int((labels == 1).sum()),
-                list(chosen.paths), seconds, run_warnings,
-                reference_info={"source": chosen.source, "backbone": reference_set.backbone},
+                chosen_paths, seconds, run_warnings, reference_info=reference_info, mode=mode,
             )  # fmt: skip
             report.add_run(run, scores)
+            speed = (
+                "first batch only (compilation)"
+                if math.isnan(steady)
+                else f"{steady:.1f} img/s after the first batch"
+            )
             log.info(
-                "%s K=%d seed=%d: %s (%.1f img/s)",
-                category, k, seed, ", ".join(f"{n}={v:.4f}" for n, v in values.items()), len(loaded) / seconds,
+                "%s K=%d seed=%d (%s): %s (%s)",
+                category, k, seed, mode, ", ".join(f"{n}={v:.4f}" for n, v in values.items()), speed,
             )  # fmt: skip
     return report
 

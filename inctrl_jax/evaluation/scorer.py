@@ -9,13 +9,29 @@ from __future__ import annotations
 
 from inctrl_jax.clip.model import CLIPConfig, TextConfig, VisionConfig
 
-TRAINED = "trained"
-TRAINING_FREE = "training-free"
+# The Detector's mode names (``ScoreResult.mode``), used in every output.
+TRAINED = "inctrl"
+TRAINING_FREE = "training_free"
+ZERO_SHOT = "zero_shot"
 
 
-def score_mode(detector) -> str:
-    """``"trained"`` (InCTRL heads: (h + s_p) / 2) or ``"training-free"`` ((s_p + s_a) / 2, no heads)."""
+def score_mode(detector, zero_shot: bool = False) -> str:
+    """``"inctrl"`` (trained heads: (h + s_p) / 2), ``"training_free"`` ((s_p + s_a) / 2, no heads) or,
+    for a K = 0 reference set, ``"zero_shot"`` (the text prior s_a alone)."""
+    if zero_shot:
+        return ZERO_SHOT
     return TRAINED if detector.has_heads else TRAINING_FREE
+
+
+def is_real_result(detector) -> bool:
+    """False when the detector says its backbone was randomly initialised (its provenance)."""
+    real = getattr(detector, "is_real_result", None)
+    if real is not None:
+        return bool(real)
+    provenance = getattr(detector, "provenance", None) or getattr(
+        getattr(detector, "weights", None), "provenance", None
+    )
+    return not (isinstance(provenance, dict) and provenance.get("real_result") is False)
 
 
 def tiny_clip_config(
