@@ -56,6 +56,11 @@ class InCTRLWeights:
     tap_layers: tuple[int, ...] = DEFAULT_TAP_LAYERS
     ignored_keys: tuple[str, ...] = ()
     """Checkpoint keys that were read but not used (the heads' ``bn1.*``)."""
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Where the weights came from, saved in ``config.json`` under ``"provenance"``: at least
+    ``{"backbone_weights": "<source id or 'random'>", "real_result": bool}`` (``real_result`` is
+    False for a model on a randomly initialised backbone, whose scores mean nothing). ``{}`` when
+    unknown (directories saved before provenance was recorded)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,9 +385,18 @@ def _unflatten(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, Any]:
 
 
 def save_model(directory: str | os.PathLike, weights: InCTRLWeights) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed)."""
+    """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed).
+
+    ``config.json`` records ``weights.provenance`` under ``"provenance"``.
+    """
     from safetensors.numpy import save_file
 
+    try:
+        json.dumps(weights.provenance)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"InCTRLWeights.provenance must hold JSON values (str, number, bool, list, dict): {e}"
+        ) from e
     d = Path(directory).expanduser()
     d.mkdir(parents=True, exist_ok=True)
     flat = _flatten(weights.clip_params, "clip")
@@ -394,6 +408,7 @@ def save_model(directory: str | os.PathLike, weights: InCTRLWeights) -> Path:
         "clip_config": weights.config.to_dict(),
         "tap_layers": list(weights.tap_layers),
         "has_heads": weights.head_variables is not None,
+        "provenance": dict(weights.provenance),
     }
     save_file(flat, str(d / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
     (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -431,7 +446,13 @@ def load_model(directory: str | os.PathLike) -> InCTRLWeights:
     clip_params = _unflatten(flat, "clip")
     heads = _unflatten(flat, "heads") if meta.get("has_heads") else None
     _check_tree(config, clip_params, heads, d / WEIGHTS_FILE)
-    return InCTRLWeights(config, clip_params, heads, tuple(meta["tap_layers"]))
+    provenance = meta.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise CheckpointMismatchError(
+            f'{d / CONFIG_FILE}: "provenance" must be a JSON object, got {type(provenance).__name__}; '
+            "fix or remove the key"
+        )
+    return InCTRLWeights(config, clip_params, heads, tuple(meta["tap_layers"]), provenance=provenance)
 
 
 def _check_tree(config: CLIPConfig, clip_params: Any, heads: Any, source: Path) -> None:

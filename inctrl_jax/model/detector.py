@@ -282,6 +282,8 @@ class Detector:
             weights = ckpt.load_model(p)
         else:
             weights = ckpt.load_official_checkpoint(p, config=config, tap_layers=tuple(tap_layers))
+            if not weights.provenance:
+                weights.provenance = {"backbone_weights": f"InCTRL checkpoint {p}", "real_result": True}
         return cls(weights, **kwargs)
 
     @classmethod
@@ -315,7 +317,8 @@ class Detector:
         if tap_layers is None:
             name = str(name_or_path)
             tap_layers = BACKBONES[name].tap_layers if name in BACKBONES else ckpt.DEFAULT_TAP_LAYERS
-        weights = ckpt.InCTRLWeights(config, params, heads, tuple(tap_layers))
+        provenance = {"backbone_weights": os.fspath(name_or_path), "real_result": True}
+        weights = ckpt.InCTRLWeights(config, params, heads, tuple(tap_layers), provenance=provenance)
         return cls(weights, **kwargs)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -337,6 +340,21 @@ class Detector:
     @property
     def has_heads(self) -> bool:
         return self.weights.head_variables is not None
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the weights came from (``InCTRLWeights.provenance``): ``backbone_weights`` (a source
+        id or ``"random"``) and ``real_result``; ``{}`` when unknown (older saved directories).
+        :meth:`from_backbone` and official checkpoints record their source."""
+        return self.weights.provenance
+
+    @property
+    def is_real_result(self) -> bool:
+        """False when the provenance says the scores are not real (``real_result: false``, e.g. a
+        model trained on a random backbone, or ``backbone_weights == "random"``); True otherwise,
+        including unknown provenance."""
+        prov = self.weights.provenance
+        return bool(prov.get("real_result", True)) and prov.get("backbone_weights") != "random"
 
     # ---------------------------------------------------------------- inputs
 
