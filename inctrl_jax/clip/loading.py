@@ -442,24 +442,80 @@ def _offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+_hub_probe: dict[str, str | None] = {}  # endpoint -> None (reachable) or why it is not; one probe per process
+
+
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT).rstrip("/")
+    except Exception:  # pragma: no cover - very old huggingface_hub
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_unreachable_reason() -> str | None:
+    """``None`` when the Hugging Face hub endpoint answers, else why not (probed once per process).
+
+    One ``HEAD`` request to ``huggingface_hub``'s configured endpoint (``HF_ENDPOINT``) with a
+    :data:`HUB_PROBE_TIMEOUT_S` timeout; any HTTP answer, even an error status, counts as reachable.
+    Without it an unreachable hub costs a minute of retries per file before failing.
+    """
+    import urllib.error
+    import urllib.request
+
+    endpoint = _hub_endpoint()
+    if endpoint not in _hub_probe:
+        reason: str | None = None
+        try:
+            request = urllib.request.Request(endpoint, method="HEAD")
+            with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            detail = getattr(e, "reason", e)
+            reason = f"the hub endpoint {endpoint} is unreachable ({detail})"
+        _hub_probe[endpoint] = reason
+    return _hub_probe[endpoint]
+
+
+def _hub_error(repo_id: str, filename: str, why: str) -> CheckpointError:
+    why = why.strip().rstrip(".")
+    advice = (
+        " (or unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE if this machine can reach the hub)"
+        if _offline()
+        else ""
+    )
+    return CheckpointError(
+        f"cannot get {filename} of the Hugging Face hub repository {repo_id!r}: {why}. Download it on a "
+        f"machine with network access (`hf download {repo_id} {filename}`) and pass the local file or "
+        f"directory to load_clip(){advice}."
+    )
+
+
 def _hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
-    """Download (or find in the cache) one file of a hub repository."""
+    """Find one file of a hub repository in the cache, or download it when the hub is reachable."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - a core dependency
         raise CheckpointError("huggingface_hub is not installed: `pip install huggingface_hub`.") from e
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=_offline()))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
     except Exception as e:
-        mode = (
-            "offline mode (HF_HUB_OFFLINE) is on and the file is not in the cache" if _offline() else str(e)
-        )
-        raise CheckpointError(
-            f"cannot get {filename} of the Hugging Face hub repository {repo_id!r}: "
-            f"{mode.splitlines()[0] if mode else type(e).__name__}. Download it on a machine with "
-            f"network access (`hf download {repo_id} {filename}`) and pass the local file or "
-            "directory to load_clip(), or unset HF_HUB_OFFLINE."
-        ) from e
+        if _offline():
+            raise _hub_error(
+                repo_id, filename, "offline mode (HF_HUB_OFFLINE) is on and the file is not in the cache"
+            ) from e
+    unreachable = hub_unreachable_reason()
+    if unreachable is not None:
+        raise _hub_error(repo_id, filename, f"it is not in the local cache and {unreachable}")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except Exception as e:
+        text = str(e).strip()
+        raise _hub_error(repo_id, filename, text.splitlines()[0] if text else type(e).__name__) from e
 
 
 def _first_hub_file(repo_id: str, candidates: Sequence[str], revision: str | None = None) -> Path:
