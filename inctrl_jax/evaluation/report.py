@@ -405,6 +405,9 @@ class DatasetReport:
                 "n_categories": len(cats),
                 "n_seeds": min(r["n_seeds"] for r in cats),
             }
+            modes = sorted({m for r in cats for m in str(r.get("mode", "")).split(",") if m})
+            if modes:
+                row["mode"] = ",".join(modes)
             for m in METRIC_NAMES:
                 if not any(f"{m}_mean" in r for r in cats):
                     continue
@@ -454,6 +457,8 @@ class DatasetReport:
             md += "\n" + markdown_table(f"{self.dataset} / {c}", self.info.label, rep.summary_rows())
         if self.problems:
             md += "\nProblems:\n" + "".join(f"- {c}: {p}\n" for c, p in self.problems.items())
+        if self.missing_runs:
+            md += "\nRequested runs NOT DONE:\n"
         for c, runs in self.missing_runs.items():
             md += "".join(f"- NOT DONE: {c} K={m['k']} seed={m['seed']}: {m['reason']}\n" for m in runs)
         (self.dir / "metrics.md").write_text(md)
