@@ -158,6 +158,29 @@ def test_training_lowers_the_loss_and_the_exported_model_scores_a_held_out_categ
     assert scores.shape == (4,) and np.all(np.isfinite(scores)) and np.all((scores >= 0) & (scores <= 1))
 
 
+def test_a_model_trained_on_a_random_backbone_is_exported_as_not_a_real_result(reference_run):
+    from inctrl_jax.model.checkpoint import load_model
+    from inctrl_jax.model.detector import Detector
+
+    assert load_model(reference_run / "model").provenance == {
+        "backbone_weights": "random",
+        "real_result": False,
+    }
+    assert Detector.from_checkpoint(reference_run / "model").is_real_result is False
+
+
+def test_a_model_trained_on_loaded_backbone_weights_records_their_source():
+    from configs.train_inctrl import get_config
+    from inctrl_jax.training.trainer import export_provenance
+
+    cfg = get_config()
+    cfg.backbone.source = "/weights/open_clip_vit_b_16_plus_240.pt"
+    assert export_provenance(cfg.backbone) == {
+        "backbone_weights": "/weights/open_clip_vit_b_16_plus_240.pt",
+        "real_result": True,
+    }
+
+
 def test_official_state_dict_export_holds_the_trained_heads(reference_run):
     from safetensors.numpy import load_file
 

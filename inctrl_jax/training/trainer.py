@@ -190,6 +190,16 @@ def random_backbone_params(config: CLIPConfig, seed: int) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def export_provenance(backbone: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the exported model records about its backbone (``InCTRLWeights.provenance``).
+
+    A randomly initialised backbone makes the run a pipeline check: its scores are not a result.
+    """
+    if backbone.source == "random":
+        return {"backbone_weights": "random", "real_result": False}
+    return {"backbone_weights": str(backbone.source), "real_result": True}
+
+
 def _load_backbone(cfg: ml_collections.ConfigDict) -> tuple[CLIPConfig, dict]:
     if cfg.source == "random":
         if cfg.arch in ("", *RANDOM_ARCHS):
@@ -255,6 +265,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     cpu_seconds: dict[str, float] = {}  # process CPU time, all threads: robust to other jobs on the machine
     t0, c0 = time.perf_counter(), time.process_time()
     validate_config(config)
+    provenance = export_provenance(config.backbone)
+    if not provenance["real_result"]:
+        log.warning("random backbone: pipeline check, the exported model is NOT a real result")
     if config.mesh.distributed:
         jax.distributed.initialize()
     workdir = Path(workdir).expanduser().resolve()
@@ -399,7 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     from inctrl_jax.model.checkpoint import save_model
 
     heads = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
-    weights = InCTRLWeights(clip_config, jax.device_get(clip_params), heads, taps)
+    weights = InCTRLWeights(clip_config, jax.device_get(clip_params), heads, taps, provenance=provenance)
     model_dir = save_model(workdir / "model", weights)
     if config.export.official_state_dict:
         from safetensors.numpy import save_file
