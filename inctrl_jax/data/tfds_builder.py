@@ -33,6 +33,15 @@ def _tfds() -> Any:
     return tfds
 
 
+def _png(image: Any) -> Any:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    buf.seek(0)
+    return buf
+
+
 def make_builder_class() -> type:
     """Create the ``MvtecLayout`` builder class (done lazily so that importing this module needs no tfds)."""
     tfds = _tfds()
@@ -75,16 +84,17 @@ def make_builder_class() -> type:
         def _generate_examples(self, samples: Any) -> Any:
             for s in samples:
                 with Image.open(s.path) as im:
-                    image = np.asarray(im.convert("RGB"))
-                mask = np.zeros(image.shape[:2] + (1,), np.uint8)
+                    image = im.convert("RGB")
+                mask = np.zeros((image.height, image.width), np.uint8)
                 if s.mask_path:
                     with Image.open(s.mask_path) as m:
-                        mask = (np.asarray(m.convert("L")) > 0).astype(np.uint8)[..., None] * 255
+                        mask = (np.asarray(m.convert("L")) > 0).astype(np.uint8) * 255
                 yield (
                     s.path,
                     {
-                        "image": image,
-                        "mask": mask,
+                        # Encoded here with PIL: tfds encodes numpy arrays with TensorFlow.
+                        "image": _png(image),
+                        "mask": _png(Image.fromarray(mask, mode="L")),
                         "label": s.label,
                         "category": s.category,
                         "defect_type": s.defect_type,
