@@ -262,6 +262,28 @@ def test_config_errors_are_reported_before_any_compute(data_root, tmp_path):
         train(cfg, tmp_path / "w")
 
 
+def test_a_bad_backbone_source_with_the_micro_variant_names_the_source(tmp_path):
+    from configs.train_inctrl import get_config
+    from inctrl_jax.training.trainer import ConfigError, validate_config
+
+    cfg = get_config("micro")
+    cfg.data.datasets = ("mvtec:aux",)
+    cfg.backbone.source = str(tmp_path / "missing.safetensors")
+    with pytest.raises(
+        ConfigError, match=r"config.backbone.source='.*missing.safetensors': no such file"
+    ) as e:
+        validate_config(cfg)
+    assert "inctrl-micro" not in str(e.value)
+
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"")
+    cfg.backbone.source = str(weights)
+    with pytest.raises(
+        ConfigError, match=r"source='.*clip.safetensors' loads real weights, but .*arch='inctrl-micro'"
+    ):
+        validate_config(cfg)
+
+
 def test_loss_curve_on_8_devices_equals_1_device(data_root, env, reference_run, tmp_path):
     cache = reference_run.parent / "cache"
     proc = subprocess.run(

@@ -158,16 +158,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "set config.data.datasets, e.g. --config.data.datasets='(\"mvtec:/data/mvtec_ad\",)' "
             "(layouts: see inctrl_jax/training/data.py)"
         )
-    if config.backbone.source == "random" and config.backbone.arch not in ("", *RANDOM_ARCHS):
-        from inctrl_jax.clip.registry import BACKBONES
-
-        if config.backbone.arch not in BACKBONES:
-            raise ConfigError(
-                f"config.backbone.arch={config.backbone.arch!r}; use one of {sorted(RANDOM_ARCHS)} "
-                f"or a registry name {sorted(BACKBONES)}"
-            )
+    _validate_backbone(config.backbone)
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise ConfigError("config.checkpoint.every and config.checkpoint.keep must be >= 1")
+
+
+def _validate_backbone(b: ml_collections.ConfigDict) -> None:
+    """The weights source first (the usual mistake), then whether the architecture fits it."""
+    from inctrl_jax.clip.registry import BACKBONES
+    from inctrl_jax.evaluation.cli import looks_like_hub_id
+
+    if b.source == "random":
+        if b.arch not in ("", *RANDOM_ARCHS, *BACKBONES):
+            raise ConfigError(
+                f"config.backbone.arch={b.arch!r}; use one of {sorted(RANDOM_ARCHS)} "
+                f"or a registry name {sorted(BACKBONES)}"
+            )
+        return
+    source = str(b.source)
+    if not (source in BACKBONES or Path(source).expanduser().exists() or looks_like_hub_id(source)):
+        raise ConfigError(
+            f"config.backbone.source={source!r}: no such file or directory, and not a registered backbone "
+            f"({', '.join(BACKBONES)}) or a Hugging Face hub id (owner/name). Pass the CLIP weights file or "
+            "directory with --config.backbone.source=/path, or 'random' for a pipeline check"
+        )
+    if b.arch in RANDOM_ARCHS:
+        raise ConfigError(
+            f"config.backbone.source={source!r} loads real weights, but config.backbone.arch={b.arch!r} "
+            "(set by the :tiny/:micro variants) is a random-only test architecture. Use the default config "
+            "(no variant), or set --config.backbone.arch='' (architecture read from the weights) or a "
+            f"registry name ({', '.join(BACKBONES)}) and --config.backbone.tap_layers to fit it"
+        )
+    if b.arch and b.arch not in BACKBONES:
+        raise ConfigError(
+            f"config.backbone.arch={b.arch!r} is not a registered backbone; use '' (architecture read from "
+            f"the weights of config.backbone.source) or one of {', '.join(BACKBONES)}"
+        )
 
 
 def random_backbone_params(config: CLIPConfig, seed: int) -> dict[str, Any]:
@@ -209,9 +235,13 @@ def _load_backbone(cfg: ml_collections.ConfigDict) -> tuple[CLIPConfig, dict]:
 
             clip_config = get_backbone(cfg.arch).config
         return clip_config, random_backbone_params(clip_config, cfg.seed)
+    from inctrl_jax.clip.convert import ConversionError
     from inctrl_jax.clip.loading import load_clip
 
-    return load_clip(cfg.source, backbone=cfg.arch or None, tag=cfg.tag or None)
+    try:
+        return load_clip(cfg.source, backbone=cfg.arch or None, tag=cfg.tag or None)
+    except ConversionError as err:  # incl. CheckpointError: missing, unreadable or mis-shaped weights
+        raise ConfigError(f"config.backbone.source={cfg.source!r}: {err}") from err
 
 
 class MetricsWriter:
