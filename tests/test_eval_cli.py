@@ -126,3 +126,20 @@ def test_predict_skips_a_truncated_png_and_draws_k_seeded_references(tmp_path, d
     assert line["real_result"] is False and line["mode"] == "training_free"
     with pytest.raises(ValueError, match=r"broken\.png.*on_error"):
         predict(detector, refs, str(inputs), "transistor", threshold=0.5, k=2, on_error="raise")
+
+
+def test_an_evaluation_of_only_k0_is_labelled_zero_shot(tmp_path, monkeypatch, detector):
+    info = RunInfo("m", "training_free", "tiny", "random", real_result=False, notice="test")
+    monkeypatch.setattr(cli, "build_detector", lambda cfg: cli.Built(detector, info))
+    cfg = eval_tiny.get_config()
+    cfg.dataset_root = str(DATA / "mvtec_ad")
+    cfg.results_dir = str(tmp_path)
+    cfg.tap_layers = "1,2"
+    cfg.tiny.layers = 2
+    cfg.k_shots, cfg.seeds, cfg.max_test_per_class, cfg.heatmap_limit, cfg.progress = "0", "0", 2, 0, False
+    (report,) = cli.run_evaluation(cfg)
+    (cat,) = report.categories.values()
+    meta = json.loads((cat.dir / "meta.json").read_text())
+    assert meta["mode"] == "zero_shot"
+    assert "ZERO-SHOT score: text prior only" in meta["label"]
+    assert "TRAINING-FREE" not in meta["label"]

@@ -80,6 +80,13 @@ class Skipped:
     path: str
     reason: str
 
+    @classmethod
+    def from_error(cls, path: str | os.PathLike[str], error: BaseException) -> Skipped:
+        """The reason is the error's message without the leading ``"<path>: "`` our errors carry."""
+        path = os.fspath(path)
+        reason = str(error)
+        return cls(path, reason.removeprefix(f"{path}: "))
+
 
 @dataclasses.dataclass
 class Dataset:

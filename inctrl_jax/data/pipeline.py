@@ -91,7 +91,7 @@ class SampleSource:
                 raise
             warnings.warn(f"skipping {sample.path}: {e}", stacklevel=2)
             with self._lock:
-                self.failures.append(Skipped(sample.path, str(e)))
+                self.failures.append(Skipped.from_error(sample.path, e))
             return None, None
 
     def __getitem__(self, index: int) -> dict[str, Any]:

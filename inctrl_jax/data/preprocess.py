@@ -104,7 +104,11 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise ImageDecodeError(f"{path}: the file is empty (0 bytes); replace or remove it")
         image = Image.open(path)
-        image.load()  # decode now so truncated data fails here, naming the file
+        try:
+            image.load()  # decode now so truncated data fails here, naming the file
+        except BaseException:
+            image.close()  # do not leak the file handle of a file that failed to decode
+            raise
         return image
     except ImageDecodeError:
         raise

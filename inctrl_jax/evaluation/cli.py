@@ -452,9 +452,11 @@ def run_evaluation(cfg) -> list[Any]:
         on_error=cfg.on_error,
     )
     built = build_detector(cfg)
+    if set(settings.k_shots) == {0}:  # only zero-shot runs: that is the mode of the whole evaluation
+        built = dataclasses.replace(built, info=dataclasses.replace(built.info, mode=ZERO_SHOT))
     if built.info.mode == TRAINING_FREE:
         log.info("score: %s (patch residual + text prior, no trained heads)", TRAINING_FREE)
-    else:
+    elif built.info.mode != ZERO_SHOT:
         log.info("score: %s with trained heads, (h + s_p) / 2", built.info.mode)
     if 0 in settings.k_shots:
         log.info("K=0: %s (text prior alone, no references)", ZERO_SHOT)

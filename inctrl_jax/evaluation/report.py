@@ -216,7 +216,7 @@ class RunInfo:
     """What identifies the scorer of an evaluation; written to every ``meta.json``."""
 
     model: str
-    mode: str  # the Detector's mode name: "inctrl" (trained heads) or "training_free"
+    mode: str  # the Detector's mode name: "inctrl", "training_free" or (every K = 0) "zero_shot"
     backbone: str
     weights: str
     checkpoint: str | None = None
@@ -235,6 +235,8 @@ class RunInfo:
         parts = [f"model {self.model}", f"mode {self.mode}", f"backbone {self.backbone} ({self.weights})"]
         if self.mode == "training_free":
             parts.append("TRAINING-FREE score: patch residual + text prior only, no trained heads")
+        if self.mode == "zero_shot":
+            parts.append("ZERO-SHOT score: text prior only, no reference images")
         if not self.real_result:
             parts.append("NOT A REAL RESULT: " + (self.notice or "pipeline check"))
         return "; ".join(parts)

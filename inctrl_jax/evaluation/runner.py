@@ -485,9 +485,9 @@ def evaluate_category(
             )  # fmt: skip
             report.add_run(run, scores)
             speed = (
-                "first batch only (compilation)"
+                "throughput: one batch only, which includes compilation"
                 if math.isnan(steady)
-                else f"{steady:.1f} img/s after the first batch"
+                else f"throughput {steady:.1f} img/s after the first batch"
             )
             log.info(
                 "%s K=%d seed=%d (%s): %s (%s)",

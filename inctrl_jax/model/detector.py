@@ -500,7 +500,7 @@ class Detector:
                     except (ImageDecodeError, DataError) as e:
                         if not skip or not isinstance(item, str | os.PathLike):
                             raise
-                        return Skipped(os.fspath(item), str(e))
+                        return Skipped.from_error(item, e)
                     buffer[j] = arr
                     return src, geom
 
