@@ -26,44 +26,16 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from inctrl_jax.commandline import make_flags_parser  # noqa: E402
 from inctrl_jax.evaluation import cli  # noqa: E402
 
 CONFIG_FILE = "configs/eval_default.py"
-_CONFIG = config_flags.DEFINE_config_file("config", CONFIG_FILE, "Evaluation config file.")
+if not any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:]):
+    # A default given to DEFINE_config_file is parsed at import, where an unknown --config.<key>
+    # override would escape the one-line error handling of the flags parser below.
+    sys.argv.insert(1, f"--config={CONFIG_FILE}")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of errors.")
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one clear line for bad flags instead of chained tracebacks."""
-    try:
-        return flags.FLAGS(argv)
-    except (KeyError, AttributeError) as err:
-        # ml_collections raises these for an override of a key the config does not have.
-        key = str(err.args[0] if err.args else err).strip("'\"")
-        for arg in argv[1:]:
-            name = arg.split("=", 1)[0].lstrip("-")
-            if name.startswith("config.") and name.split(".")[-1] == key:
-                key = name[len("config.") :]
-                break
-        cli.fail(f"unknown config key {key!r} (see {_config_file(argv)} for the available keys)")
-    except flags.Error as err:
-        cli.fail(
-            f"{err}\nusage: evaluate.py [test|predict] --config configs/eval_default.py --config.<key>=<value>"
-        )
-    except Exception as err:  # the config file itself failed to load
-        if "--verbose" in argv:
-            raise
-        cli.fail(f"could not read the config ({type(err).__name__}: {err}); check --config")
-    raise AssertionError("unreachable")
-
-
-def _config_file(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return CONFIG_FILE
 
 
 def main(argv: list[str]) -> int:
@@ -83,4 +55,13 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     logging.captureWarnings(False)
-    sys.exit(app.run(main, flags_parser=_parse_flags))
+    sys.exit(
+        app.run(
+            main,
+            flags_parser=make_flags_parser(
+                "evaluate.py",
+                CONFIG_FILE,
+                "evaluate.py [test|predict] --config configs/eval_default.py --config.<key>=<value>",
+            ),
+        )
+    )

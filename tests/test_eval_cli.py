@@ -32,14 +32,18 @@ def detector():
     return Detector(InCTRLWeights(config, init_params(config, 0), None, (1, 2)), batch_size=4)
 
 
-def test_unknown_config_key_is_one_line_and_exit_2():
+@pytest.mark.parametrize(
+    ("config_args", "config_file"),
+    [(["--config", "configs/eval_tiny.py"], "configs/eval_tiny.py"), ([], "configs/eval_default.py")],
+)
+def test_unknown_config_key_is_one_line_and_exit_2(config_args, config_file):
     proc = subprocess.run(
-        [sys.executable, "evaluate.py", "--config", "configs/eval_tiny.py", "--config.nonexistent=1"],
+        [sys.executable, "evaluate.py", *config_args, "--config.nonexistent=1"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "unknown config key 'nonexistent' (see configs/eval_tiny.py" in proc.stderr
+    assert f"unknown config key 'nonexistent' (see {config_file}" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,10 @@ def _train(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--config.x=1",), "train.py: error: unknown config key 'x' (see configs/train_inctrl.py)"),
+        (
+            ("--config.x=1",),
+            "train.py: error: unknown config key 'x' (see configs/train_inctrl.py for the available keys)",
+        ),
         (
             ("--config.data.datasets=('mvtec:/no/such/dir',)",),
             "train.py: error: config.data.datasets entry 'mvtec:/no/such/dir': /no/such/dir does not exist",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inctrl_jax import commandline
 from inctrl_jax.clip.model import CLIPConfig
 from inctrl_jax.evaluation.report import RunInfo, sha256_file
 from inctrl_jax.evaluation.runner import DataSpec, EvalSettings, evaluate_dataset
@@ -27,7 +28,7 @@ log = logging.getLogger("inctrl_jax.evaluation")
 
 RANDOM_BACKBONE_NOTICE = "trained on a randomly initialised backbone"
 EXIT_INCOMPLETE = 1
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = commandline.EXIT_USER_ERROR
 
 
 class UserError(ValueError):
@@ -55,9 +56,8 @@ def user_message(err: BaseException) -> str:
 
 
 def fail(message: str, status: int = EXIT_USER_ERROR) -> None:
-    """Print ``error: <message>`` on stderr and exit with ``status`` (2: user error)."""
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    raise SystemExit(status)
+    """Print ``evaluate.py: error: <message>`` on stderr and exit with ``status`` (2: user error)."""
+    commandline.fail("evaluate.py", message, status)
 
 
 def exit_status(outcome: Any) -> int:
