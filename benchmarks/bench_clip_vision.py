@@ -203,7 +203,7 @@ def write_results(rows: list[dict], a, t0: float, done: list[str]) -> list[str]:
         },
         "wall_s": time.time() - t0,
         "load_average_1_5_15_at_end": list(os.getloadavg()),
-        "note": "shared machine: other developers' jobs were running on the same cores; numbers are noisy",
+        "note": a.note,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "clip_vision.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -215,9 +215,7 @@ def write_results(rows: list[dict], a, t0: float, done: list[str]) -> list[str]:
         f"x {a.rounds} rounds, each framework in its own process. Versions: jax {jax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}. {meta['note']}; "
         f"load average (1/5/15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
-        f"on {os.cpu_count()} CPUs. With more runnable threads than cores the ratio is probably not what an "
-        "idle machine gives (unverified guess: torch's OpenMP barriers suffer more from oversubscription); "
-        "the stack notes measured JAX at 0.8-0.9x torch for ViT-B/16 on an idle 2-core machine.",
+        f"on {os.cpu_count()} CPUs (it includes this benchmark's own threads).",
         "",
         "| backbone | framework | variant | img/s (best) | img/s (median) | vs torch (median) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -249,6 +247,7 @@ def main() -> None:
     p.add_argument("--jax-variants", default=",".join(JAX_VARIANTS))
     p.add_argument("--torch-variants", default="sdpa")
     p.add_argument("--backbones", default=",".join(BACKBONES))
+    p.add_argument("--note", default="no note on other load", help="what else ran on the machine")
     a = p.parse_args()
     _pin(a.threads)
     if a.worker:
