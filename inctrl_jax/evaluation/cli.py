@@ -347,7 +347,7 @@ def build_detector(cfg) -> Built:
                 f"could not load the backbone weights from {source!r}: {err}\nTo fix: {hint}"
             ) from err
         notice = f"pipeline check with RANDOMLY INITIALISED weights ({cfg.backbone} weights not available)"
-        details = f"{type(err).__name__}: {err}. To get real results, {hint}"
+        details = f"{type(err).__name__}: {str(err).rstrip('.')}. To get real results, {hint}"
         for line in ("=" * 100, "NOT A REAL RESULT: " + notice, details, "=" * 100):
             log.warning("%s", line)
         weights = ckpt.InCTRLWeights(backbone.config, init_params(backbone.config, 0), None, taps)
