@@ -20,13 +20,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine  # benchmarks/machine.py: the script folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -167,22 +168,6 @@ def run_worker(kind: str, variant: str, backbone: str, weights: Path, a) -> dict
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def hardware() -> dict:
-    model = "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 def write_results(rows: list[dict], a, t0: float, done: list[str]) -> list[str]:
     """Write the JSON and Markdown results for the backbones finished so far."""
     import jax
@@ -190,7 +175,7 @@ def write_results(rows: list[dict], a, t0: float, done: list[str]) -> list[str]:
     import transformers
 
     meta = {
-        "hardware": hardware(),
+        "hardware": machine.describe(),
         "threads": a.threads,
         "batch": a.batch,
         "iters_per_round": a.iters,

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import machine  # benchmarks/machine.py: the script folder is on sys.path
 import numpy as np
 
 from inctrl_jax.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, init_params
@@ -83,25 +82,6 @@ def proc_status_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def hardware() -> dict:
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {
-        "cpu_model": model,
-        "cpu_cores": os.cpu_count(),
-        "note": "cores shared with other developers' jobs during the run; timings are noisy",
-        "device": str(jax.devices()[0]),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-    }
 
 
 def best_time(fn, reps: int) -> tuple[float, float]:
@@ -272,7 +252,7 @@ def write_report(result: dict) -> None:
     lines = [
         "# InCTRL scoring benchmark",
         "",
-        f"Hardware: {hw.get('cpu_model', '?')}, {hw.get('cpu_cores', '?')} cores ({hw.get('note', '')}); "
+        f"Hardware: {hw.get('cpu', hw.get('cpu_model', '?'))}, {hw.get('logical_cpus', hw.get('cpu_cores', '?'))} cores ({hw.get('note', '')}); "
         f"{hw.get('device', '?')}, jax {hw.get('jax', '?')}.",
         "",
     ]
@@ -352,7 +332,12 @@ def main() -> None:
     else:
         result["memory"] = run_memory(args)
         result["commands"]["memory"] = command
-    result["hardware"] = hardware()
+    result["hardware"] = {
+        **machine.describe(),
+        "note": "cores shared with other developers' jobs during the run; timings are noisy",
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+    }
     for stale in ("device", "cpu_count", "platform", "jax"):  # now under "hardware"
         result.pop(stale, None)
     write_report(result)

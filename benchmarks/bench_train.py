@@ -38,13 +38,13 @@ import logging
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import machine  # benchmarks/machine.py: the script folder is on sys.path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,22 +61,6 @@ DEVICE_STEPS = 100
 def _rss_mib() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _hardware() -> dict:
-    model = "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average": os.getloadavg(),
-    }
 
 
 def _link_images(root: Path, n: int) -> None:
@@ -227,7 +211,7 @@ def main() -> None:
         "cache_mib": cache_bytes / 2**20,
         "rss_mib": {"start": rss_start, "after_forward_timing": rss_after_forward, "peak": rss_peak},
         "final_loss": result.final_loss,
-        "hardware": {**_hardware(), "load_average_start": load_start},
+        "hardware": {**machine.describe(), "load_average_start": load_start},
         "versions": {"jax": jax.__version__, "python": platform.python_version()},
         "shared_machine": "other developers' jobs ran on the same 2 cores; wall timings are noisy",
     }  # fmt: skip
