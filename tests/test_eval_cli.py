@@ -84,7 +84,8 @@ def test_model_trained_on_a_random_backbone_is_not_a_real_result(tmp_path, monke
     assert "NOT A REAL RESULT: trained on a randomly initialised backbone" in built.info.label
 
 
-def test_missing_runs_give_partial_results_and_a_nonzero_exit(tmp_path, monkeypatch, detector):
+def _evaluate_transistor(tmp_path, monkeypatch, detector, k_shots: str):
+    """Evaluate two images per class of the shared transistor set with the tiny random detector."""
     info = RunInfo("m", "training_free", "tiny", "random", real_result=False, notice="test")
     monkeypatch.setattr(cli, "build_detector", lambda cfg: cli.Built(detector, info))
     cfg = eval_tiny.get_config()
@@ -93,13 +94,18 @@ def test_missing_runs_give_partial_results_and_a_nonzero_exit(tmp_path, monkeypa
     cfg.tap_layers = "1,2"
     cfg.tiny.layers = 2
     cfg.k_shots, cfg.seeds, cfg.max_test_per_class, cfg.heatmap_limit, cfg.progress = (
-        "0,1,500",
+        k_shots,
         "0",
         2,
         0,
         False,
     )
     (report,) = cli.run_evaluation(cfg)
+    return report
+
+
+def test_missing_runs_give_partial_results_and_a_nonzero_exit(tmp_path, monkeypatch, detector):
+    report = _evaluate_transistor(tmp_path, monkeypatch, detector, "0,1,500")
     assert not report.complete and cli.exit_status([report]) == 1
     (cat,) = report.categories.values()
     assert [(r.k, r.mode) for r in cat.runs] == [(0, "zero_shot"), (1, "training_free")]
@@ -133,15 +139,7 @@ def test_predict_skips_a_truncated_png_and_draws_k_seeded_references(tmp_path, d
 
 
 def test_an_evaluation_of_only_k0_is_labelled_zero_shot(tmp_path, monkeypatch, detector):
-    info = RunInfo("m", "training_free", "tiny", "random", real_result=False, notice="test")
-    monkeypatch.setattr(cli, "build_detector", lambda cfg: cli.Built(detector, info))
-    cfg = eval_tiny.get_config()
-    cfg.dataset_root = str(DATA / "mvtec_ad")
-    cfg.results_dir = str(tmp_path)
-    cfg.tap_layers = "1,2"
-    cfg.tiny.layers = 2
-    cfg.k_shots, cfg.seeds, cfg.max_test_per_class, cfg.heatmap_limit, cfg.progress = "0", "0", 2, 0, False
-    (report,) = cli.run_evaluation(cfg)
+    report = _evaluate_transistor(tmp_path, monkeypatch, detector, "0")
     (cat,) = report.categories.values()
     meta = json.loads((cat.dir / "meta.json").read_text())
     assert meta["mode"] == "zero_shot"
